@@ -1,0 +1,447 @@
+"""Drivers: every driver and option against the NumPy reference, values and
+gradients; driver agreement; masking, reset and causality semantics;
+bidirectional and stacked; jit and recompilation; boundary errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+import seqjax
+from seqjax import cells
+from tests import reference
+
+B, T, D, H = 3, 6, 3, 4
+CELLS = {
+    "elman_tanh": cells.Elman(H),
+    "elman_relu": cells.Elman(H, activation="relu"),
+    "lstm": cells.LSTM(H),
+    "gru": cells.GRU(H),
+    "gru_cho": cells.GRU(H, reset_after=False),
+    "mingru": cells.MinGRU(H),
+}
+DRIVERS = {
+    "scan": dict(method="scan"),
+    "scan_unroll3": dict(method="scan", unroll=3),
+    "unroll": dict(method="unroll"),
+    "associative": dict(method="associative"),
+}
+LENGTHS = np.array([6, 3, 1])
+MASK = np.array([[1, 1, 0, 1, 0, 1],
+                 [0, 1, 1, 1, 1, 1],
+                 [1, 0, 1, 1, 0, 0]], bool)
+RESETS = np.array([[0, 0, 1, 0, 0, 1],
+                   [1, 0, 1, 0, 1, 0],
+                   [0, 0, 0, 1, 0, 0]], bool)
+OPTIONS = {
+    "plain": {},
+    "carry": dict(carry=True),
+    "lengths": dict(lengths=LENGTHS),
+    "mask": dict(mask=MASK),
+    "resets": dict(resets=RESETS),
+    "reverse": dict(reverse=True),
+    "reverse_lengths": dict(reverse=True, lengths=LENGTHS),
+    "reverse_resets": dict(reverse=True, resets=RESETS, lengths=LENGTHS),
+    "all_forward": dict(carry=True, lengths=LENGTHS, mask=MASK, resets=RESETS),
+    "all_reverse": dict(carry=True, lengths=LENGTHS, mask=MASK, resets=RESETS,
+                        reverse=True),
+}
+
+
+def make_problem(cell, seed=0, batch=B, steps=T, dtype=jnp.float64):
+  """Random params (with non-zero biases), inputs and carry."""
+  k_p, k_b, k_x, k_c = jax.random.split(jax.random.key(seed), 4)
+  params = cell.init(k_p, D, dtype)
+  params = {k: v + 0.3 * jax.random.normal(k_b, v.shape, dtype)
+            if k.startswith("b") else v for k, v in params.items()}
+  xs = jax.random.normal(k_x, (batch, steps, D), dtype)
+  zero = cell.initial_carry((batch,), dtype)
+  leaves, tree = jax.tree.flatten(zero)
+  carry = jax.tree.unflatten(tree, [
+      jax.random.normal(k, x.shape, dtype)
+      for k, x in zip(jax.random.split(k_c, len(leaves)), leaves)])
+  return params, xs, carry
+
+
+def carry_dict(carry):
+  return carry._asdict() if isinstance(carry, cells.LSTMCarry) else {"h": carry}
+
+
+def split_options(option):
+  """Driver keyword arguments, and whether to pass an initial carry."""
+  kwargs = dict(OPTIONS[option])
+  use_carry = kwargs.pop("carry", False)
+  return kwargs, use_carry
+
+
+def loss_weights(cell, seed=7):
+  k_y, k_c = jax.random.split(jax.random.key(seed))
+  w_y = np.asarray(jax.random.normal(k_y, (B, T, H), jnp.float64))
+  w_c = {name: np.asarray(jax.random.normal(k_c, (B, H), jnp.float64)) * (i + 1)
+         for i, name in enumerate(carry_dict(cell.initial_carry((B,))))}
+  return w_y, w_c
+
+
+# associative runs linear cells only (its error on others is tested below).
+CELL_DRIVERS = [(c, d) for c in CELLS for d in DRIVERS
+                if d != "associative" or CELLS[c].is_linear]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("cell_name, driver", CELL_DRIVERS)
+def test_driver_matches_reference(cell_name, driver, option):
+  """Values and gradients of every driver and option equal the reference."""
+  cell = CELLS[cell_name]
+  params, xs, carry = make_problem(cell)
+  kwargs, use_carry = split_options(option)
+  carry = carry if use_carry else None
+  np_carry = None if carry is None else jax.tree.map(np.asarray, carry_dict(carry))
+
+  final, ys = seqjax.run(cell, params, xs, carry, **DRIVERS[driver], **kwargs)
+  ref_final, ref_ys = reference.run(cell, jax.tree.map(np.asarray, params), xs,
+                                    np_carry, **kwargs)
+  np.testing.assert_allclose(ys, ref_ys, rtol=1e-12, atol=1e-13)
+  for name, value in carry_dict(final).items():
+    np.testing.assert_allclose(value, ref_final[name], rtol=1e-12, atol=1e-13)
+
+  # Gradients: <grad L, v> from JAX equals the reference's central difference
+  # of L along random directions v, over params, inputs and initial carry.
+  w_y, w_c = loss_weights(cell)
+
+  def jax_loss(params, xs, carry):
+    final, ys = seqjax.run(cell, params, xs, carry, **DRIVERS[driver], **kwargs)
+    return jnp.sum(ys * w_y) + sum(jnp.sum(v * w_c[k])
+                                   for k, v in carry_dict(final).items())
+
+  def ref_loss(params, xs, carry):
+    final, ys = reference.run(cell, params, xs,
+                              None if carry is None else carry_dict(carry), **kwargs)
+    return np.sum(ys * w_y) + sum(np.sum(v * w_c[k]) for k, v in final.items())
+
+  point = (params, xs, carry)
+  grads = jax.grad(jax_loss, argnums=(0, 1, 2))(*point)
+  leaves, tree = jax.tree.flatten(point)
+  for seed in range(2):
+    keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+    direction = [np.asarray(jax.random.normal(k, x.shape, x.dtype))
+                 for k, x in zip(keys, leaves)]
+    eps = 1e-6
+    shifted = lambda s: jax.tree.unflatten(
+        tree, [np.asarray(x) + s * eps * v for x, v in zip(leaves, direction)])
+    numeric = (ref_loss(*shifted(1)) - ref_loss(*shifted(-1))) / (2 * eps)
+    analytic = sum(np.sum(np.asarray(g) * v)
+                   for g, v in zip(jax.tree.leaves(grads), direction))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru", "mingru"])
+def test_check_grads_through_drivers(cell_name):
+  cell = CELLS[cell_name]
+  params, xs, carry = make_problem(cell, batch=2, steps=4)
+  kwargs = dict(lengths=np.array([4, 2]), resets=RESETS[:2, :4], reverse=True)
+  for method in ("scan", "associative") if cell.is_linear else ("scan",):
+    f = lambda p, x, c: seqjax.run(cell, p, x, c, method=method, **kwargs)
+    check_grads(f, (params, xs, carry), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("cell_name", CELLS)
+def test_drivers_agree(cell_name):
+  """scan == scan(unroll=k) == unroll (== associative), with every option."""
+  cell = CELLS[cell_name]
+  params, xs, carry = make_problem(cell)
+  methods = [dict(method="scan"), dict(method="scan", unroll=2),
+             dict(method="scan", unroll=T), dict(method="unroll")]
+  if cell.is_linear:
+    methods.append(dict(method="associative"))
+  kwargs, _ = split_options("all_reverse")
+  results = [seqjax.run(cell, params, xs, carry, **m, **kwargs) for m in methods]
+  for other in results[1:]:
+    chex.assert_trees_all_close(other, results[0], rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("option", ["plain", "all_forward", "all_reverse"])
+def test_time_major_equals_batch_major(option):
+  cell = CELLS["lstm"]
+  params, xs, carry = make_problem(cell)
+  kwargs, _ = split_options(option)
+  carry_bm, ys_bm = seqjax.scan(cell, params, xs, carry, **kwargs)
+  tm = {k: (v.T if k in ("mask", "resets") else v) for k, v in kwargs.items()}
+  carry_tm, ys_tm = seqjax.scan(cell, params, jnp.swapaxes(xs, 0, 1), carry,
+                                time_major=True, **tm)
+  np.testing.assert_array_equal(jnp.swapaxes(ys_tm, 0, 1), ys_bm)
+  chex.assert_trees_all_equal(carry_tm, carry_bm)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru", "mingru"])
+def test_lengths_final_carry_is_own_last_step(cell_name, reverse):
+  """Carry of sequence b == a run over its first lengths[b] steps alone."""
+  cell = CELLS[cell_name]
+  params, xs, carry = make_problem(cell)
+  final, ys = seqjax.scan(cell, params, xs, carry, lengths=LENGTHS, reverse=reverse)
+  for b, length in enumerate(LENGTHS):
+    own_carry = jax.tree.map(lambda c: c[b:b + 1], carry)
+    alone_final, alone_ys = seqjax.scan(cell, params, xs[b:b + 1, :length],
+                                        own_carry, reverse=reverse)
+    chex.assert_trees_all_close(jax.tree.map(lambda c: c[b:b + 1], final),
+                                alone_final, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(ys[b, :length], alone_ys[0], rtol=1e-13, atol=1e-14)
+    assert np.all(np.asarray(ys[b, length:]) == 0.0)  # exactly zero
+
+
+def test_mask_holds_carry_and_emits_zeros():
+  cell = CELLS["gru"]
+  params, xs, carry = make_problem(cell)
+  mask = np.ones((B, T), bool)
+  mask[:, 2] = False  # an interior gap
+  final, ys = seqjax.scan(cell, params, xs, carry, mask=mask)
+  assert np.all(np.asarray(ys[:, 2]) == 0.0)
+  # Skipping step 2 is the same as deleting it from the sequence.
+  kept = np.delete(np.asarray(xs), 2, axis=1)
+  final_kept, ys_kept = seqjax.scan(cell, params, kept, carry)
+  np.testing.assert_allclose(final, final_kept, rtol=1e-13)
+  np.testing.assert_allclose(np.delete(np.asarray(ys), 2, axis=1), ys_kept, rtol=1e-13)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_resets_equal_separate_episodes(reverse):
+  """A row of packed episodes == each episode run alone from a zero carry."""
+  cell = CELLS["lstm"]
+  params, xs, carry = make_problem(cell, batch=1, steps=7)
+  resets = np.zeros((1, 7), bool)
+  resets[0, [3, 5]] = True  # episodes [0, 3), [3, 5), [5, 7)
+  final, ys = seqjax.scan(cell, params, xs, carry, resets=resets, reverse=reverse)
+  episodes = [(0, 3), (3, 5), (5, 7)]
+  if reverse:  # processed last-to-first
+    episodes = episodes[::-1]
+  for i, (start, stop) in enumerate(episodes):
+    own = carry if i == 0 else None  # only the first processed gets the carry
+    ep_final, ep_ys = seqjax.scan(cell, params, xs[:, start:stop], own, reverse=reverse)
+    np.testing.assert_allclose(ys[:, start:stop], ep_ys, rtol=1e-13, atol=1e-14)
+  chex.assert_trees_all_close(final, ep_final, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("cell_name", ["elman_tanh", "lstm", "gru", "mingru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_causality_by_gradient(cell_name, reverse):
+  """d y_t / d x_s == 0 exactly for s > t (s < t when reversed), within lengths."""
+  cell = CELLS[cell_name]
+  params, xs, _ = make_problem(cell)
+  method = "associative" if cell.is_linear else "scan"
+  f = lambda x: seqjax.run(cell, params, x, method=method, lengths=LENGTHS,
+                           reverse=reverse)[1]
+  jac = np.asarray(jax.jacrev(f)(xs))  # [B, T, H, B, T, D]
+  for b, length in enumerate(LENGTHS):
+    dep = np.abs(jac[b, :, :, b, :, :]).sum(axis=(1, 3))  # [T(out), T(in)]
+    t_out, t_in = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    future = t_in < t_out if reverse else t_in > t_out
+    assert np.all(dep[future] == 0.0)
+    assert np.all(dep[:, length:] == 0.0)  # padding influences nothing
+    within = (t_out < length) & (t_in < length) & ~future
+    assert np.all(dep[within] > 0.0)  # and everything else does
+    others = np.delete(np.abs(jac[b]), b, axis=2)  # no cross-batch leaks
+    assert np.all(others == 0.0)
+
+
+@pytest.mark.parametrize("merge", ["concat", "sum"])
+def test_bidirectional_is_forward_and_reversed(merge):
+  cell = CELLS["gru"]
+  params_f, xs, carry_f = make_problem(cell, seed=1)
+  params_b, _, carry_b = make_problem(cell, seed=2)
+  params = {"forward": params_f, "backward": params_b}
+  carry = seqjax.BidirectionalCarry(carry_f, carry_b)
+  kwargs = dict(lengths=LENGTHS, mask=MASK, resets=RESETS)
+  final, ys = seqjax.bidirectional(cell, params, xs, carry, merge=merge, **kwargs)
+  ref_f_final, ref_f = reference.run(cell, params_f, xs, {"h": carry_f}, **kwargs)
+  ref_b_final, ref_b = reference.run(cell, params_b, xs, {"h": carry_b},
+                                     reverse=True, **kwargs)
+  expected = np.concatenate([ref_f, ref_b], -1) if merge == "concat" else ref_f + ref_b
+  np.testing.assert_allclose(ys, expected, rtol=1e-12, atol=1e-13)
+  np.testing.assert_allclose(final.forward, ref_f_final["h"], rtol=1e-12)
+  np.testing.assert_allclose(final.backward, ref_b_final["h"], rtol=1e-12)
+
+
+def _stack_problem(bidirectional=False, layers=3):
+  layer_cells = [cells.LSTM(H), cells.GRU(H), cells.Elman(H)][:layers]
+  keys = jax.random.split(jax.random.key(5), layers * 2)
+  params, size = [], D
+  for i, cell in enumerate(layer_cells):
+    if bidirectional:
+      params.append({"forward": cell.init(keys[2 * i], size, jnp.float64),
+                     "backward": cell.init(keys[2 * i + 1], size, jnp.float64)})
+      size = 2 * H
+    else:
+      params.append(cell.init(keys[2 * i], size, jnp.float64))
+      size = H
+  xs = jax.random.normal(jax.random.key(6), (B, T, D), jnp.float64)
+  return layer_cells, params, xs
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_stacked_is_layer_composition(bidirectional, residual):
+  layer_cells, params, xs = _stack_problem(bidirectional)
+  kwargs = dict(lengths=LENGTHS, mask=MASK)
+  carries, ys = seqjax.stacked(layer_cells, params, xs, bidirectional=bidirectional,
+                               residual=residual, **kwargs)
+  x = np.asarray(xs)
+  for layer, (cell, p) in enumerate(zip(layer_cells, params)):
+    if bidirectional:
+      _, y_f = reference.run(cell, p["forward"], x, **kwargs)
+      _, y_b = reference.run(cell, p["backward"], x, reverse=True, **kwargs)
+      y = np.concatenate([y_f, y_b], -1)
+    else:
+      y = reference.run(cell, p, x, **kwargs)[1]
+    x = y + x if residual and layer > 0 else y
+  np.testing.assert_allclose(ys, x, rtol=1e-12, atol=1e-13)
+  assert len(carries) == 3
+  assert isinstance(carries[0], seqjax.BidirectionalCarry if bidirectional
+                    else cells.LSTMCarry)
+  assert np.all(np.asarray(ys[2, 1:]) == 0.0)  # padding stays zero through layers
+
+
+def test_stacked_dropout():
+  layer_cells, params, xs = _stack_problem()
+  run = lambda **kw: seqjax.stacked(layer_cells, params, xs, **kw)[1]
+  plain = run()
+  np.testing.assert_array_equal(run(dropout_rate=0.5), plain)  # no key: eval
+  key = jax.random.key(0)
+  dropped = run(dropout_rate=0.5, dropout_key=key)
+  np.testing.assert_array_equal(dropped, run(dropout_rate=0.5, dropout_key=key))
+  assert not np.allclose(dropped, plain)
+  assert not np.allclose(dropped, run(dropout_rate=0.5, dropout_key=jax.random.key(1)))
+  # Only between layers: a one-layer stack has nothing to drop.
+  one = lambda **kw: seqjax.stacked(layer_cells[:1], params[:1], xs, **kw)[1]
+  np.testing.assert_array_equal(one(dropout_rate=0.5, dropout_key=key), one())
+
+
+def test_stacked_dropout_masks_between_layers():
+  """Layer 2 sees layer 1's outputs zeroed where the dropout mask is off."""
+  layer_cells, params, xs = _stack_problem(layers=2)
+  key = jax.random.key(3)
+  _, ys = seqjax.stacked(layer_cells, params, xs, dropout_rate=0.5, dropout_key=key)
+  _, y0 = seqjax.scan(layer_cells[0], params[0], xs)
+  keep = jax.random.bernoulli(jax.random.split(key, 2)[0], 0.5, y0.shape)
+  expected = seqjax.scan(layer_cells[1], params[1], jnp.where(keep, y0 / 0.5, 0.0))[1]
+  np.testing.assert_allclose(ys, expected, rtol=1e-13)
+
+
+@pytest.mark.parametrize("driver", ["scan", "unroll", "associative"])
+def test_jit_equals_eager(driver):
+  cell = CELLS["mingru"] if driver == "associative" else CELLS["lstm"]
+  params, xs, carry = make_problem(cell)
+  run = lambda p, x, c, lengths, mask, resets: seqjax.run(
+      cell, p, x, c, method=driver, lengths=lengths, mask=mask, resets=resets,
+      reverse=True)
+  eager = run(params, xs, carry, LENGTHS, MASK, RESETS)
+  jitted = jax.jit(run)(params, xs, carry, LENGTHS, MASK, RESETS)
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-13, atol=1e-14)
+
+
+def test_jit_static_cell_and_no_recompilation():
+  """Cells are static arguments; a second call with equal shapes reuses code."""
+  traces = []
+
+  @jax.jit
+  def apply(params, xs, lengths):
+    traces.append(1)
+    return seqjax.scan(cells.LSTM(H), params, xs, lengths=lengths)
+
+  @chex.assert_max_traces(n=1)
+  def scan_fn(cell, params, xs):
+    return seqjax.scan(cell, params, xs)
+
+  jitted = jax.jit(scan_fn, static_argnums=0)
+  params, xs, _ = make_problem(CELLS["lstm"])
+  for seed in range(3):
+    xs_new = xs + seed
+    apply(params, xs_new, LENGTHS - (seed % 2))
+    jitted(cells.LSTM(H), params, xs_new)  # an equal, new cell object
+  assert len(traces) == 1
+
+
+def test_dtype_flows_through_drivers():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    cell = CELLS["gru"]
+    params, xs, _ = make_problem(cell, dtype=dtype)
+    carry, ys = seqjax.scan(cell, params, xs, lengths=LENGTHS)
+    assert ys.dtype == dtype and carry.dtype == dtype
+    ref = seqjax.scan(cell, jax.tree.map(lambda a: a.astype(jnp.float64), params),
+                      xs.astype(jnp.float64), lengths=LENGTHS)[1]
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(ys.astype(jnp.float64), ref, atol=tol)
+
+
+# --------------------------------------------------------------------------
+# Errors at the boundary: one clear ValueError at trace time, also under jit.
+
+
+def _error_cases():
+  lstm = CELLS["lstm"]
+  params, xs, carry = make_problem(lstm)
+  gru_params = make_problem(CELLS["gru"])[0]
+  return {
+      "rank": (lambda: seqjax.scan(lstm, params, xs[0]),
+               r"xs must be \[B, T, D\], got shape \(6, 3\)"),
+      "time_major_rank": (lambda: seqjax.scan(lstm, params, xs[0], time_major=True),
+                          r"xs must be \[T, B, D\]"),
+      "features": (lambda: seqjax.scan(lstm, params, xs[..., :2]),
+                   r"params\['w_x'\] .* input size 2 must have shape \(2, 16\), got \(3, 16\)"),
+      "params_keys": (lambda: seqjax.scan(lstm, gru_params, xs),
+                      r"must be a dict with keys \['b', 'w_h', 'w_x'\], got \['b', 'b_hn'"),
+      "hidden": (lambda: seqjax.scan(cells.LSTM(5), params, xs),
+                 r"params\['w_x'\] for LSTM\(hidden_size=5\) .* must have shape \(3, 20\)"),
+      "carry_batch": (lambda: seqjax.scan(lstm, params, xs, jax.tree.map(lambda c: c[:2], carry)),
+                      r"carry for LSTM with batch 3 must look like LSTMCarry\(h=\(3, 4\), c=\(3, 4\)\), got LSTMCarry\(h=\(2, 4\)"),
+      "carry_structure": (lambda: seqjax.scan(lstm, params, xs, carry.h),
+                          r"carry for LSTM .* got \(3, 4\)"),
+      "lengths_shape": (lambda: seqjax.scan(lstm, params, xs, lengths=np.array([1, 2])),
+                        r"lengths must have shape \(B,\) = \(3,\), got \(2,\)"),
+      "lengths_dtype": (lambda: seqjax.scan(lstm, params, xs, lengths=np.array([1.0, 2, 3])),
+                        r"lengths must be an integer array, got dtype float64"),
+      "mask_shape": (lambda: seqjax.scan(lstm, params, xs, mask=MASK.T),
+                     r"mask must have shape \(3, 6\) .* got \(6, 3\)"),
+      "mask_dtype": (lambda: seqjax.scan(lstm, params, xs, mask=MASK.astype(np.float32)),
+                     r"mask must be bool, got dtype float32"),
+      "resets_shape": (lambda: seqjax.scan(lstm, params, xs, resets=RESETS[:, :2]),
+                       r"resets must have shape \(3, 6\)"),
+      "associative_nonlinear": (lambda: seqjax.run(lstm, params, xs, method="associative"),
+                                r"method='associative' needs a linear cell .* LSTM is not linear"),
+      "method": (lambda: seqjax.run(lstm, params, xs, method="fast"),
+                 r"method must be one of \('scan', 'unroll', 'associative'\), got 'fast'"),
+      "int_inputs": (lambda: seqjax.scan(lstm, params, np.ones((3, 6, 3), np.int32)),
+                     r"xs must be a float array, got dtype int32"),
+      "empty": (lambda: seqjax.scan(lstm, params, xs[:, :0]),
+                r"at least one time step"),
+      "bidirectional_params": (lambda: seqjax.bidirectional(lstm, params, xs),
+                               r"bidirectional params must be a dict with keys \['backward', 'forward'\]"),
+      "merge": (lambda: seqjax.bidirectional(lstm, {"forward": params, "backward": params}, xs, merge="mul"),
+                r"merge must be 'concat' or 'sum', got 'mul'"),
+      "stacked_count": (lambda: seqjax.stacked([lstm, lstm], [params], xs),
+                        r"stacked got 2 cells but 1 params"),
+      "stacked_residual": (lambda: seqjax.stacked(
+          [lstm, cells.LSTM(2)], [params, cells.LSTM(2).init(jax.random.key(0), H)], xs,
+          residual=True), r"residual layer 1 needs equal input and output sizes, got input 4 and output 2"),
+      "dropout_rate": (lambda: seqjax.stacked([lstm], [params], xs, dropout_rate=1.0),
+                       r"dropout_rate must be in \[0, 1\), got 1.0"),
+      "not_a_cell": (lambda: seqjax.scan(lambda c, x: (c, x), params, xs),
+                     r"cell must be a seqjax cell"),
+  }
+
+
+@pytest.mark.parametrize("case", list(_error_cases()))
+def test_bad_input_is_a_clear_error(case):
+  call, message = _error_cases()[case]
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  params, xs, _ = make_problem(CELLS["gru"])
+  f = jax.jit(lambda p, x, lengths: seqjax.scan(CELLS["gru"], p, x, lengths=lengths))
+  with pytest.raises(ValueError, match=r"lengths must have shape \(B,\) = \(3,\)"):
+    f(params, xs, np.array([1, 2]))
+  with pytest.raises(ValueError, match=r"xs must be \[B, T, D\]"):
+    f(params, xs[0], np.array([1, 2]))
