@@ -5,8 +5,9 @@ Pure-function cells (:mod:`seqjax.cells`) run by drivers
 weights from PyTorch and Keras (:mod:`seqjax.interop`).
 """
 
+import importlib
+
 from seqjax import cells
-from seqjax import nn
 from seqjax import recurrence
 from seqjax.recurrence import associative
 from seqjax.recurrence import bidirectional
@@ -18,7 +19,17 @@ from seqjax.recurrence import unroll
 
 __version__ = "0.1.0"
 
+# The Flax layers and the importers load on first use, so that the pure-JAX
+# core (cells, drivers) imports without Flax, torch or Keras.
+_LAZY = ("interop", "nn")
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return importlib.import_module(f"seqjax.{name}")
+  raise AttributeError(f"module 'seqjax' has no attribute {name!r}")
+
 __all__ = [
-    "associative", "bidirectional", "BidirectionalCarry", "cells", "nn",
-    "recurrence", "run", "scan", "stacked", "unroll",
+    "associative", "bidirectional", "BidirectionalCarry", "cells", "interop",
+    "nn", "recurrence", "run", "scan", "stacked", "unroll",
 ]

@@ -197,6 +197,19 @@ def from_keras(layer):
       ``go_backwards`` (Keras then returns the outputs in reversed time
       order; use ``RNN(reverse=True)``, whose outputs stay aligned with the
       inputs), ``stateful``, other activations, other merge modes.
+
+  Example:
+    >>> import os; os.environ.setdefault("KERAS_BACKEND", "jax")
+    'jax'
+    >>> import keras, numpy as np, jax.numpy as jnp
+    >>> from seqjax import interop
+    >>> keras_gru = keras.layers.GRU(8, return_sequences=True)
+    >>> xs = np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)
+    >>> expected = np.asarray(keras_gru(xs))
+    >>> module, variables = interop.from_keras(keras_gru)
+    >>> _, ys = module.apply(variables, jnp.asarray(xs))
+    >>> bool(np.allclose(ys, expected, atol=1e-5))
+    True
   """
   kind = type(layer).__name__
   if kind == "Bidirectional":

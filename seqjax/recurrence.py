@@ -14,8 +14,10 @@ Conventions shared by all of them (and by :func:`bidirectional` and
 
 - ``xs`` is [B, T, D], or [T, B, D] with ``time_major=True``; ``ys`` follows
   the same layout. ``mask`` and ``resets`` are [B, T] (or [T, B]).
-- ``lengths [B]`` (int): steps at ``t >= lengths[b]`` hold the carry and emit
-  exact zeros, so the final carry is the carry at each sequence's own last step.
+- ``lengths [B]`` (int, in [0, T]): steps at ``t >= lengths[b]`` hold the carry
+  and emit exact zeros, so the final carry is the carry at each sequence's own
+  last step. Out-of-range values raise when ``lengths`` is concrete and are
+  clipped to [0, T] under ``jit``, where their values are not known.
 - ``mask [B, T]`` (bool): masked steps hold the carry and emit zeros; interior
   gaps are allowed. It combines with ``lengths``.
 - ``resets [B, T]`` (bool): the carry returns to ``cell.initial_carry`` (zeros)
@@ -36,14 +38,11 @@ was expected and what arrived, before anything reaches XLA.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from seqjax import cells as cells_lib
 
 Array = jax.Array
 METHODS = ("scan", "unroll", "associative")
@@ -126,6 +125,12 @@ def _check_inputs(cell, params, xs, carry, lengths, mask, resets, time_major):
       raise ValueError(f"lengths must have shape (B,) = ({b},), got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
       raise ValueError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+    if not isinstance(lengths, jax.core.Tracer):
+      if np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > t):
+        raise ValueError(f"lengths must be in [0, T] = [0, {t}], got "
+                         f"{np.asarray(lengths).tolist()}")
+    else:  # values unknown at trace time: keep the gathers in bounds
+      lengths = jnp.clip(lengths, 0, t)
   return b, t, mask, resets, lengths
 
 
@@ -226,7 +231,6 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
     if resets is not None:  # past its length a sequence has no episodes
       resets = resets & in_length
 
-  index = None
   if reverse:
     if resets is not None:
       # Reverse time starts each episode at its last step: reset before step
@@ -241,7 +245,10 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
     xp, valid, resets = flip(xp), flip(valid), flip(resets)
 
   init_carry = cell.initial_carry((b,), xp.dtype)
-  carry = init_carry if carry is None else carry
+  if carry is None:
+    carry = init_carry
+  else:  # the loop carries the promoted dtype (e.g. a float32 carry, float64 model)
+    carry = jax.tree.map(lambda c: jnp.asarray(c).astype(jnp.result_type(c, xp)), carry)
   carry, ys = _CORES[core](cell, params, xp, valid, resets, carry, init_carry, unroll)
   if reverse:
     ys = flip(ys)
@@ -258,7 +265,7 @@ _DRIVER_DOC = """
     params: the cell's parameters, as made by ``cell.init``.
     xs: inputs [B, T, D] ([T, B, D] with ``time_major``).
     carry: initial carry for batch B (default ``cell.initial_carry((B,))``).
-    lengths: [B] int, valid steps of each sequence.
+    lengths: [B] int in [0, T], valid steps of each sequence.
     mask: [B, T] bool, False steps hold the carry and emit zeros.
     resets: [B, T] bool, reset the carry to zeros before these steps.
     reverse: run each sequence backwards within its length.

@@ -2,6 +2,9 @@
 gradients; driver agreement; masking, reset and causality semantics;
 bidirectional and stacked; jit and recompilation; boundary errors."""
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,7 @@ OPTIONS = {
     "reverse": dict(reverse=True),
     "reverse_lengths": dict(reverse=True, lengths=LENGTHS),
     "reverse_resets": dict(reverse=True, resets=RESETS, lengths=LENGTHS),
+    "reverse_mask_resets": dict(reverse=True, mask=MASK, resets=RESETS),
     "all_forward": dict(carry=True, lengths=LENGTHS, mask=MASK, resets=RESETS),
     "all_reverse": dict(carry=True, lengths=LENGTHS, mask=MASK, resets=RESETS,
                         reverse=True),
@@ -89,6 +93,28 @@ CELL_DRIVERS = [(c, d) for c in CELLS for d in DRIVERS
                 if d != "associative" or CELLS[c].is_linear]
 
 
+def assert_grads_match_reference(jax_loss, ref_loss, point, directions=2):
+  """<grad jax_loss, v> equals the reference's central difference along v.
+
+  v are random directions over every leaf of ``point`` (params, inputs,
+  carries), so any wrong gradient entry shows up; float64 keeps the central
+  difference accurate to ~1e-9.
+  """
+  grads = jax.grad(lambda args: jax_loss(*args))(point)
+  leaves, tree = jax.tree.flatten(point)
+  for seed in range(directions):
+    keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+    direction = [np.asarray(jax.random.normal(k, np.shape(x), jnp.float64))
+                 for k, x in zip(keys, leaves)]
+    eps = 1e-6
+    shifted = lambda s: jax.tree.unflatten(
+        tree, [np.asarray(x) + s * eps * v for x, v in zip(leaves, direction)])
+    numeric = (ref_loss(*shifted(1)) - ref_loss(*shifted(-1))) / (2 * eps)
+    analytic = sum(np.sum(np.asarray(g) * v)
+                   for g, v in zip(jax.tree.leaves(grads), direction))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("option", OPTIONS)
 @pytest.mark.parametrize("cell_name, driver", CELL_DRIVERS)
 def test_driver_matches_reference(cell_name, driver, option):
@@ -120,20 +146,7 @@ def test_driver_matches_reference(cell_name, driver, option):
                               None if carry is None else carry_dict(carry), **kwargs)
     return np.sum(ys * w_y) + sum(np.sum(v * w_c[k]) for k, v in final.items())
 
-  point = (params, xs, carry)
-  grads = jax.grad(jax_loss, argnums=(0, 1, 2))(*point)
-  leaves, tree = jax.tree.flatten(point)
-  for seed in range(2):
-    keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
-    direction = [np.asarray(jax.random.normal(k, x.shape, x.dtype))
-                 for k, x in zip(keys, leaves)]
-    eps = 1e-6
-    shifted = lambda s: jax.tree.unflatten(
-        tree, [np.asarray(x) + s * eps * v for x, v in zip(leaves, direction)])
-    numeric = (ref_loss(*shifted(1)) - ref_loss(*shifted(-1))) / (2 * eps)
-    analytic = sum(np.sum(np.asarray(g) * v)
-                   for g, v in zip(jax.tree.leaves(grads), direction))
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7)
+  assert_grads_match_reference(jax_loss, ref_loss, (params, xs, carry))
 
 
 @pytest.mark.parametrize("cell_name", ["lstm", "gru", "mingru"])
@@ -262,6 +275,25 @@ def test_bidirectional_is_forward_and_reversed(merge):
   np.testing.assert_allclose(final.forward, ref_f_final["h"], rtol=1e-12)
   np.testing.assert_allclose(final.backward, ref_b_final["h"], rtol=1e-12)
 
+  w_y = np.asarray(jax.random.normal(jax.random.key(9), ys.shape, jnp.float64))
+  w_c = np.asarray(jax.random.normal(jax.random.key(10), (2, B, H), jnp.float64))
+
+  def jax_loss(params, xs, carry):
+    final, ys = seqjax.bidirectional(cell, params, xs, carry, merge=merge, **kwargs)
+    return jnp.sum(ys * w_y) + jnp.sum(final.forward * w_c[0]) + jnp.sum(
+        final.backward * w_c[1])
+
+  def ref_loss(params, xs, carry):
+    f_final, y_f = reference.run(cell, params["forward"], xs, {"h": carry.forward},
+                                 **kwargs)
+    b_final, y_b = reference.run(cell, params["backward"], xs,
+                                 {"h": carry.backward}, reverse=True, **kwargs)
+    ys = np.concatenate([y_f, y_b], -1) if merge == "concat" else y_f + y_b
+    return (np.sum(ys * w_y) + np.sum(f_final["h"] * w_c[0])
+            + np.sum(b_final["h"] * w_c[1]))
+
+  assert_grads_match_reference(jax_loss, ref_loss, (params, xs, carry))
+
 
 def _stack_problem(bidirectional=False, layers=3):
   layer_cells = [cells.LSTM(H), cells.GRU(H), cells.Elman(H)][:layers]
@@ -286,16 +318,25 @@ def test_stacked_is_layer_composition(bidirectional, residual):
   kwargs = dict(lengths=LENGTHS, mask=MASK)
   carries, ys = seqjax.stacked(layer_cells, params, xs, bidirectional=bidirectional,
                                residual=residual, **kwargs)
-  x = np.asarray(xs)
-  for layer, (cell, p) in enumerate(zip(layer_cells, params)):
-    if bidirectional:
-      _, y_f = reference.run(cell, p["forward"], x, **kwargs)
-      _, y_b = reference.run(cell, p["backward"], x, reverse=True, **kwargs)
-      y = np.concatenate([y_f, y_b], -1)
-    else:
-      y = reference.run(cell, p, x, **kwargs)[1]
-    x = y + x if residual and layer > 0 else y
-  np.testing.assert_allclose(ys, x, rtol=1e-12, atol=1e-13)
+
+  def ref_stack(params, xs):
+    x = np.asarray(xs)
+    for layer, (cell, p) in enumerate(zip(layer_cells, params)):
+      if bidirectional:
+        _, y_f = reference.run(cell, p["forward"], x, **kwargs)
+        _, y_b = reference.run(cell, p["backward"], x, reverse=True, **kwargs)
+        y = np.concatenate([y_f, y_b], -1)
+      else:
+        y = reference.run(cell, p, x, **kwargs)[1]
+      x = y + x if residual and layer > 0 else y
+    return x
+
+  np.testing.assert_allclose(ys, ref_stack(params, xs), rtol=1e-12, atol=1e-13)
+  w_y = np.asarray(jax.random.normal(jax.random.key(11), ys.shape, jnp.float64))
+  jax_loss = lambda p, x: jnp.sum(w_y * seqjax.stacked(
+      layer_cells, p, x, bidirectional=bidirectional, residual=residual, **kwargs)[1])
+  ref_loss = lambda p, x: np.sum(w_y * ref_stack(p, x))
+  assert_grads_match_reference(jax_loss, ref_loss, (params, xs))
   assert len(carries) == 3
   assert isinstance(carries[0], seqjax.BidirectionalCarry if bidirectional
                     else cells.LSTMCarry)
@@ -338,6 +379,52 @@ def test_jit_equals_eager(driver):
   eager = run(params, xs, carry, LENGTHS, MASK, RESETS)
   jitted = jax.jit(run)(params, xs, carry, LENGTHS, MASK, RESETS)
   chex.assert_trees_all_close(jitted, eager, rtol=1e-13, atol=1e-14)
+
+
+def test_composites_under_jit_and_time_major():
+  layer_cells, params, xs = _stack_problem(bidirectional=True)
+  kwargs = dict(lengths=LENGTHS, mask=MASK, resets=RESETS)
+  stack = lambda p, x, time_major=False, **kw: seqjax.stacked(
+      layer_cells, p, x, bidirectional=True, time_major=time_major, **kw)
+  eager = stack(params, xs, **kwargs)
+  jitted = jax.jit(stack)(params, xs, **kwargs)
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-13, atol=1e-14)
+  tm_kwargs = {k: (v if k == "lengths" else v.T) for k, v in kwargs.items()}
+  tm_carries, tm_ys = jax.jit(stack, static_argnames="time_major")(
+      params, jnp.swapaxes(xs, 0, 1), time_major=True, **tm_kwargs)
+  np.testing.assert_allclose(jnp.swapaxes(tm_ys, 0, 1), eager[1], rtol=1e-13,
+                             atol=1e-14)
+  chex.assert_trees_all_close(tm_carries, eager[0], rtol=1e-13, atol=1e-14)
+
+
+def test_carry_dtype_is_promoted_with_the_model():
+  cell = CELLS["lstm"]
+  params, xs, carry = make_problem(cell)  # float64 model
+  carry32 = jax.tree.map(lambda c: c.astype(jnp.float32), carry)
+  final, ys = seqjax.scan(cell, params, xs, carry32)
+  assert ys.dtype == jnp.float64 and final.h.dtype == jnp.float64
+  expected = seqjax.scan(cell, params, xs, jax.tree.map(
+      lambda c: c.astype(jnp.float64), carry32))
+  chex.assert_trees_all_equal((final, ys), expected)
+
+
+def test_lengths_out_of_range():
+  cell = CELLS["gru"]
+  params, xs, _ = make_problem(cell)
+  with pytest.raises(ValueError, match=r"lengths must be in \[0, T\] = \[0, 6\], got \[7, 2, -1\]"):
+    seqjax.scan(cell, params, xs, lengths=np.array([7, 2, -1]))
+  # Under jit the values are unknown at trace time: they are clipped to [0, T].
+  f = jax.jit(lambda lengths: seqjax.scan(cell, params, xs, lengths=lengths,
+                                          reverse=True))
+  chex.assert_trees_all_equal(f(np.array([9, 2, -3])), f(np.array([6, 2, 0])))
+  final, ys = f(np.array([9, 2, -3]))
+  assert np.all(np.asarray(ys[2]) == 0.0) and np.all(np.asarray(final[2]) == 0.0)
+
+
+def test_core_imports_without_flax():
+  code = ("import sys, seqjax, seqjax.cells, seqjax.recurrence; "
+          "assert not {'flax', 'torch', 'keras'} & set(sys.modules), sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_jit_static_cell_and_no_recompilation():

@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqjax import cells as cells_lib
 from seqjax import recurrence
 
 
