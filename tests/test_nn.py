@@ -33,6 +33,18 @@ def test_rnn_equals_driver(cell, reverse):
   jax.tree.map(np.testing.assert_array_equal, carry, expected[0])
 
 
+@pytest.mark.parametrize("method", ["associative", "unroll"])
+def test_rnn_method_and_time_major(method):
+  layer = snn.RNN(cells.MinGRU(H), method=method, time_major=True)
+  xs_tm = jnp.swapaxes(_xs(jnp.float64), 0, 1)  # [T, B, D]
+  variables = layer.init(jax.random.key(1), xs_tm)
+  carry, ys = layer.apply(variables, xs_tm, lengths=LENGTHS)
+  expected = seqjax.scan(cells.MinGRU(H), variables["params"]["cell"],
+                         _xs(jnp.float64), lengths=LENGTHS)
+  np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), expected[1], rtol=1e-12)
+  np.testing.assert_allclose(carry, expected[0], rtol=1e-12)
+
+
 def test_rnn_param_tree_and_dtype():
   layer = snn.RNN(cells.GRU(H), param_dtype=jnp.bfloat16)
   variables = layer.init(jax.random.key(1), _xs(jnp.bfloat16))

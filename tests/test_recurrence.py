@@ -311,13 +311,14 @@ def _stack_problem(bidirectional=False, layers=3):
   return layer_cells, params, xs
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bidirectional, reverse", [(False, False), (False, True),
+                                                    (True, False)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_stacked_is_layer_composition(bidirectional, residual):
+def test_stacked_is_layer_composition(bidirectional, reverse, residual):
   layer_cells, params, xs = _stack_problem(bidirectional)
   kwargs = dict(lengths=LENGTHS, mask=MASK)
   carries, ys = seqjax.stacked(layer_cells, params, xs, bidirectional=bidirectional,
-                               residual=residual, **kwargs)
+                               residual=residual, reverse=reverse, **kwargs)
 
   def ref_stack(params, xs):
     x = np.asarray(xs)
@@ -327,14 +328,15 @@ def test_stacked_is_layer_composition(bidirectional, residual):
         _, y_b = reference.run(cell, p["backward"], x, reverse=True, **kwargs)
         y = np.concatenate([y_f, y_b], -1)
       else:
-        y = reference.run(cell, p, x, **kwargs)[1]
+        y = reference.run(cell, p, x, reverse=reverse, **kwargs)[1]
       x = y + x if residual and layer > 0 else y
     return x
 
   np.testing.assert_allclose(ys, ref_stack(params, xs), rtol=1e-12, atol=1e-13)
   w_y = np.asarray(jax.random.normal(jax.random.key(11), ys.shape, jnp.float64))
   jax_loss = lambda p, x: jnp.sum(w_y * seqjax.stacked(
-      layer_cells, p, x, bidirectional=bidirectional, residual=residual, **kwargs)[1])
+      layer_cells, p, x, bidirectional=bidirectional, residual=residual,
+      reverse=reverse, **kwargs)[1])
   ref_loss = lambda p, x: np.sum(w_y * ref_stack(p, x))
   assert_grads_match_reference(jax_loss, ref_loss, (params, xs))
   assert len(carries) == 3
