@@ -21,6 +21,7 @@ concatenated along the last axis in the order each cell documents.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -48,6 +49,11 @@ def _orthogonal_blocks(key, hidden: int, num_blocks: int) -> Array:
   return jnp.concatenate([init(k, (hidden, hidden)) for k in keys], axis=1)
 
 
+def _is_positive_int(value) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and value >= 1)
+
+
 class _Cell:
   """Behaviour shared by the cells; each subclass is a frozen dataclass."""
 
@@ -58,11 +64,12 @@ class _Cell:
   is_linear: ClassVar[bool] = False
 
   def __post_init__(self):
-    if (not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool)
-        or self.hidden_size < 1):
+    if not _is_positive_int(self.hidden_size):
       raise ValueError(
           f"{type(self).__name__}: hidden_size must be a positive int, got "
           f"{self.hidden_size!r}")
+    # A NumPy integer becomes a Python int, so equal cells hash equal.
+    object.__setattr__(self, "hidden_size", int(self.hidden_size))
 
   def param_shapes(self, input_size: int) -> dict[str, tuple[int, ...]]:
     """The parameter layout: name -> shape, for inputs of size ``input_size``."""
@@ -70,7 +77,7 @@ class _Cell:
     return {"w_x": (input_size, g), "w_h": (self.hidden_size, g), "b": (g,)}
 
   def _check_input_size(self, input_size):
-    if not isinstance(input_size, int) or input_size < 1:
+    if not _is_positive_int(input_size):
       raise ValueError(
           f"{type(self).__name__}.init: input_size must be a positive int, got "
           f"{input_size!r}")
@@ -83,7 +90,7 @@ class _Cell:
     """
     self._check_input_size(input_size)
     k_x, k_h = jax.random.split(key)
-    shapes = self.param_shapes(input_size)
+    shapes = self.param_shapes(int(input_size))
     params = {
         "w_x": jax.nn.initializers.glorot_uniform()(k_x, shapes["w_x"]),
         "w_h": _orthogonal_blocks(k_h, self.hidden_size, self.num_gates),
@@ -294,7 +301,7 @@ class MinGRU(_Cell):
 
   def init(self, key, input_size, dtype=jnp.float32):
     self._check_input_size(input_size)
-    w_x = jax.nn.initializers.glorot_uniform()(key, (input_size, 2 * self.hidden_size))
+    w_x = jax.nn.initializers.glorot_uniform()(key, (int(input_size), 2 * self.hidden_size))
     return {"w_x": w_x.astype(dtype), "b": jnp.zeros((2 * self.hidden_size,), dtype)}
 
   def coefficients(self, params: Params, xp: Array) -> tuple[Array, Array]:

@@ -115,6 +115,16 @@ def test_initial_carry_structure():
   assert cells.GRU(4).initial_carry().shape == (4,)
 
 
+def test_numpy_integer_sizes_are_accepted():
+  cell = cells.LSTM(np.int64(4))
+  assert cell == cells.LSTM(4) and hash(cell) == hash(cells.LSTM(4))
+  assert type(cell.hidden_size) is int
+  params = cell.init(jax.random.key(0), np.int32(3))
+  assert params["w_x"].shape == (3, 16)
+  with pytest.raises(ValueError, match="hidden_size must be a positive int, got True"):
+    cells.GRU(True)
+
+
 def test_cells_are_hashable_static_config():
   assert cells.LSTM(4) == cells.LSTM(4) and hash(cells.LSTM(4)) == hash(cells.LSTM(4))
   assert cells.GRU(4) != cells.GRU(4, reset_after=False)

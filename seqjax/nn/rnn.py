@@ -15,6 +15,7 @@ Parameter trees (stable; checkpoints rely on them):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -169,7 +170,7 @@ class StackedRNN(nn.Module):
         init = _pair_init(cell, size, self.param_dtype)
         size = cell.hidden_size * (2 if self.merge == "concat" else 1)
       else:
-        init = (lambda c, d: lambda key: c.init(key, d, self.param_dtype))(cell, size)
+        init = functools.partial(cell.init, input_size=size, dtype=self.param_dtype)
         size = cell.hidden_size
       params.append(self.param(f"layer_{layer}", init))
     use_dropout = not deterministic and self.dropout_rate > 0.0
