@@ -76,11 +76,13 @@ class _Cell:
     g = self.num_gates * self.hidden_size
     return {"w_x": (input_size, g), "w_h": (self.hidden_size, g), "b": (g,)}
 
-  def _check_input_size(self, input_size):
+  def _check_input_size(self, input_size) -> int:
+    """``input_size`` as a Python int; a clear error if it is not a size."""
     if not _is_positive_int(input_size):
       raise ValueError(
           f"{type(self).__name__}.init: input_size must be a positive int, got "
           f"{input_size!r}")
+    return int(input_size)
 
   def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> Params:
     """Glorot-uniform ``w_x``, orthogonal ``w_h`` blocks, zero ``b``.
@@ -88,9 +90,9 @@ class _Cell:
     Initialisation runs in float32 and is then cast to ``dtype``, so a
     bfloat16 model starts from the rounded float32 draw.
     """
-    self._check_input_size(input_size)
+    input_size = self._check_input_size(input_size)
     k_x, k_h = jax.random.split(key)
-    shapes = self.param_shapes(int(input_size))
+    shapes = self.param_shapes(input_size)
     params = {
         "w_x": jax.nn.initializers.glorot_uniform()(k_x, shapes["w_x"]),
         "w_h": _orthogonal_blocks(k_h, self.hidden_size, self.num_gates),
@@ -300,8 +302,8 @@ class MinGRU(_Cell):
     return {"w_x": (input_size, g), "b": (g,)}
 
   def init(self, key, input_size, dtype=jnp.float32):
-    self._check_input_size(input_size)
-    w_x = jax.nn.initializers.glorot_uniform()(key, (int(input_size), 2 * self.hidden_size))
+    input_size = self._check_input_size(input_size)
+    w_x = jax.nn.initializers.glorot_uniform()(key, (input_size, 2 * self.hidden_size))
     return {"w_x": w_x.astype(dtype), "b": jnp.zeros((2 * self.hidden_size,), dtype)}
 
   def coefficients(self, params: Params, xp: Array) -> tuple[Array, Array]:

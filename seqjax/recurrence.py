@@ -126,9 +126,10 @@ def _check_inputs(cell, params, xs, carry, lengths, mask, resets, time_major):
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
       raise ValueError(f"lengths must be an integer array, got dtype {lengths.dtype}")
     if not isinstance(lengths, jax.core.Tracer):
-      if np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > t):
+      values = np.asarray(lengths)
+      if np.any(values < 0) or np.any(values > t):
         raise ValueError(f"lengths must be in [0, T] = [0, {t}], got "
-                         f"{np.asarray(lengths).tolist()}")
+                         f"{values.tolist()}")
     else:  # values unknown at trace time: keep the gathers in bounds
       lengths = jnp.clip(lengths, 0, t)
   return b, t, mask, resets, lengths
