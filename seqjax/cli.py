@@ -1,0 +1,226 @@
+"""The ``seqjax`` command: the only place that parses flags.
+
+    seqjax list
+    seqjax train EXPERIMENT --workdir DIR [--config.KEY=VALUE ...] [--quick]
+    seqjax eval --workdir DIR [--checkpoint latest|best | --step N]
+
+EXPERIMENT is a file name in ``experiments/`` (``parity``) or a path to an
+experiment file. An experiment file defines ``get_config(quick=False)``
+returning an ``ml_collections.ConfigDict``; ``--config.a.b=v`` overrides a field,
+and must name an existing field with a value of its type.
+
+Multi-process launches (one process per host) add ``--coordinator-address``,
+``--num-processes`` and ``--process-id`` (or the variables
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), or
+``--distributed`` to let JAX detect the cluster (TPU pods, SLURM).
+
+Mistakes a user can fix (unknown experiment, config key or value, optimiser
+name, an unusable workdir) end with one line on stderr and exit status 2; a
+diverged run exits with 1. ``SEQJAX_DEBUG=1`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+USAGE_ERROR, DIVERGED = 2, 1
+
+
+class UsageError(Exception):
+  """A mistake in the command line, reported in one line."""
+
+
+def experiments_dir() -> Path:
+  """``$SEQJAX_EXPERIMENTS_DIR``, else the ``experiments/`` folder of the source tree."""
+  if os.environ.get("SEQJAX_EXPERIMENTS_DIR"):
+    return Path(os.environ["SEQJAX_EXPERIMENTS_DIR"])
+  return Path(__file__).resolve().parents[1] / "experiments"
+
+
+def list_experiments() -> dict[str, Path]:
+  folder = experiments_dir()
+  if not folder.is_dir():
+    return {}
+  return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.stem.startswith("_")}
+
+
+def _module(path: Path):
+  spec = importlib.util.spec_from_file_location(f"seqjax_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(experiment: str, overrides=(), *, quick: bool = False):
+  """The locked config of ``experiment`` with ``overrides`` (``"a.b=v"`` strings) applied."""
+  path = Path(experiment)
+  if path.suffix != ".py":
+    known = list_experiments()
+    if experiment not in known:
+      raise UsageError(f"unknown experiment {experiment!r}; known: "
+                       f"{', '.join(known) or f'none (no experiments in {experiments_dir()})'}")
+    path = known[experiment]
+  elif not path.is_file():
+    raise UsageError(f"experiment file {path} does not exist")
+  module = _module(path)
+  if not hasattr(module, "get_config"):
+    raise UsageError(f"{path} defines no get_config()")
+  config = module.get_config(quick=quick)
+  config.lock()
+  for item in overrides:
+    set_field(config, item)
+  return config
+
+
+def _parse(text: str, like):
+  """``text`` as a value of the type of ``like``."""
+  if isinstance(like, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected true or false, got {text!r}")
+  if isinstance(like, int):
+    return int(text)
+  if isinstance(like, float):
+    return float(text)
+  if isinstance(like, str):
+    return text
+  return ast.literal_eval(text)
+
+
+def set_field(config, item: str) -> None:
+  """Applies one ``a.b=value`` override to a locked config."""
+  if "=" not in item:
+    raise UsageError(f"config overrides look like --config.key=value, got --config.{item}")
+  dotted, text = item.split("=", 1)
+  *parents, leaf = dotted.split(".")
+  node, walked = config, []
+  for name in parents + [leaf]:
+    if not hasattr(node, "keys") or name not in node.keys():
+      place = ".".join(walked) or "the config"
+      options = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+      raise UsageError(f"unknown config key {dotted!r}: {place} has no field {name!r} "
+                       f"(fields: {options})")
+    if name != leaf:
+      node = node[name]
+      walked.append(name)
+  current = node[leaf]
+  try:
+    value = _parse(text, current)
+  except (ValueError, SyntaxError) as e:
+    raise UsageError(f"config key {dotted!r} holds a {type(current).__name__}; "
+                     f"cannot use {text!r} ({e})") from None
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise UsageError(f"config key {dotted!r}: {e}") from None
+
+
+def _writable_workdir(path: str) -> Path:
+  workdir = Path(path)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise UsageError(f"cannot use workdir {path}: {e.strerror or e}") from None
+  return workdir
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="seqjax", description="seqjax experiments")
+  commands = parser.add_subparsers(dest="command", required=True)
+  commands.add_parser("list", help="list the experiments")
+
+  train = commands.add_parser("train", help="train an experiment (resumes from its workdir)")
+  train.add_argument("experiment", help="a name from `seqjax list`, or a path to a .py file")
+  train.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
+  train.add_argument("--quick", action="store_true", help="the experiment's shrunk test size")
+  group = train.add_argument_group("multi-process")
+  group.add_argument("--coordinator-address", help="host:port of process 0")
+  group.add_argument("--num-processes", type=int)
+  group.add_argument("--process-id", type=int)
+  group.add_argument("--distributed", action="store_true",
+                     help="let JAX detect the cluster (TPU pods, SLURM)")
+
+  evaluate = commands.add_parser("eval", help="evaluate a trained run")
+  evaluate.add_argument("--workdir", required=True)
+  which = evaluate.add_mutually_exclusive_group()
+  which.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+  which.add_argument("--step", type=int)
+  return parser
+
+
+def _split_overrides(argv):
+  """``--config.a=1`` and ``--config.a 1`` pulled out of argv."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      item = arg[len("--config."):]
+      if "=" not in item and i + 1 < len(argv):
+        item, i = f"{item}={argv[i + 1]}", i + 1
+      overrides.append(item)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def run(argv) -> int:
+  argv, overrides = _split_overrides(list(argv))
+  args = _parser().parse_args(argv)
+  if args.command == "list":
+    for name, path in list_experiments().items():
+      doc = (_module(path).__doc__ or "").strip().splitlines()
+      print(f"{name:20s} {doc[0] if doc else ''}")
+    return 0
+  if overrides and args.command != "train":
+    raise UsageError("--config.* overrides apply to `seqjax train` only")
+
+  # Only now import JAX-heavy modules: `seqjax list` and flag errors stay fast.
+  from absl import logging as absl_logging  # noqa: PLC0415
+  absl_logging.set_verbosity(absl_logging.INFO if os.environ.get("SEQJAX_DEBUG") else absl_logging.WARNING)
+  from seqjax.train import loop, parallel  # noqa: PLC0415
+
+  if args.command == "train":
+    config = load_config(args.experiment, overrides, quick=args.quick)
+    workdir = _writable_workdir(args.workdir)
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id, auto=args.distributed)
+    result = loop.train_and_evaluate(config, workdir)
+    print(json.dumps(result))
+    return 0
+  result = loop.evaluate(args.workdir, step=args.step, checkpoint=args.checkpoint)
+  print(json.dumps(result))
+  return 0
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  from seqjax.train.loop import TrainingDiverged  # noqa: PLC0415
+  try:
+    return run(argv)
+  except TrainingDiverged as e:
+    if os.environ.get("SEQJAX_DEBUG"):
+      raise
+    print(f"seqjax: {e}", file=sys.stderr)
+    return DIVERGED
+  except (UsageError, ValueError, TypeError) as e:
+    if os.environ.get("SEQJAX_DEBUG"):
+      raise
+    print(f"seqjax: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+  sys.exit(main())

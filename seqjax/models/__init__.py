@@ -1,0 +1,32 @@
+"""The model zoo. Every model module has the same surface, so the training
+loop never special-cases a model:
+
+- ``create(config) -> flax.linen.Module``; the module is called as
+  ``module.apply(variables, batch, carry, train=bool) -> (carry, outputs)``,
+  where ``batch`` is a dict of arrays from a data source and ``carry`` the
+  recurrent state to start from (``None``: zeros).
+- ``loss(config, outputs, batch) -> (total, weight, metrics)``: the loss summed
+  over what counts, how much counts, and a dict of ``(sum, weight)`` pairs to
+  report (see :mod:`seqjax.train.losses`).
+
+Adding a model is adding a module and a line in :data:`MODELS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+MODELS = {
+    "classifier": "seqjax.models.classifier",
+}
+
+
+def get(name: str):
+  """The model module registered as ``name``.
+
+  Raises:
+    ValueError: an unknown model name.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(sorted(MODELS))}")
+  return importlib.import_module(MODELS[name])

@@ -1,0 +1,173 @@
+"""Checkpoints with Orbax: the only module that imports it.
+
+A checkpoint directory holds one folder per saved step, written by an Orbax
+``CheckpointManager``. Each step keeps two items: ``state`` (the train state as
+a tree of arrays) and ``config`` (the experiment config as JSON, so ``seqjax
+eval`` can rebuild the model). Nothing is pickled.
+
+- Saves run in the background (async); Orbax writes to a temporary folder and
+  renames it when complete, so a kill mid-write leaves the previous checkpoint
+  intact.
+- The newest ``keep`` checkpoints are kept, plus the ``keep_best`` best by an
+  evaluation metric.
+- :meth:`Checkpointer.restore` falls back: a checkpoint that cannot be read is
+  reported in one line, set aside as ``<step>.corrupt``, and the next older one
+  is tried.
+- With several processes, every process calls :meth:`save` and Orbax writes
+  once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+Log = Callable[[str], None]
+
+
+class _QuietUnrankedSaves(logging.Filter):
+  """Drops Orbax's warning for a save without evaluation metrics: most saves
+  have none (only the steps that also evaluate do), and that is intended."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnrankedSaves())
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _host_tree(tree):
+  """NumPy arrays for every leaf (0-d arrays for scalars), as Orbax expects."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+class Checkpointer:
+  """Saves and restores train states in ``directory``.
+
+  Args:
+    directory: where step folders go (created if missing).
+    keep: how many of the newest checkpoints to keep.
+    keep_best: how many of the best (by ``best_metric``) to keep besides.
+    best_metric: name of the evaluation metric passed to :meth:`save`.
+    best_mode: ``"min"`` or ``"max"``: which way is better.
+    async_save: write in the background.
+    log: where one-line notices go (default stderr).
+  """
+
+  def __init__(self, directory, *, keep: int = 3, keep_best: int = 1,
+               best_metric: str = "loss", best_mode: str = "min",
+               async_save: bool = True, log: Log = _stderr):
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.directory = Path(directory).absolute()
+    self.best_metric, self.best_mode, self.log = best_metric, best_mode, log
+    policies = [checkpoint_managers.LatestN(keep)]
+    if keep_best:
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric],
+          reverse=best_mode == "min", n=keep_best, keep_checkpoints_without_metrics=False))
+    self._options = ocp.CheckpointManagerOptions(
+        # best_fn makes Orbax write each checkpoint's metrics, so the ranking
+        # survives a restart; the preservation policy does the keeping.
+        best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode,
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+  def steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def path(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def best_step(self) -> int | None:
+    """The kept step with the best ``best_metric``, or ``None`` if none has it."""
+    return self._manager.best_step()
+
+  def save(self, step: int, state, config: dict, metrics: dict | None = None) -> None:
+    """Starts saving ``state`` (a pytree of arrays) and ``config`` at ``step``.
+
+    ``metrics`` (evaluation results) rank the checkpoint for ``keep_best``.
+    Returns once the arrays are copied to the host; the write continues in the
+    background (see :meth:`wait`).
+    """
+    if metrics is not None and self.best_metric not in metrics:
+      metrics = None  # without the ranking metric it competes only for "newest"
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_host_tree(state)),
+        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    """Blocks until every background write has finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def _set_aside(self, step: int, error: BaseException) -> None:
+    path = self.path(step)
+    self.log(f"checkpoint {path} is unreadable ({_first_line(error)}); set aside as "
+             f"{path.name}.corrupt, trying an older one")
+    if jax.process_index() == 0 and path.exists():
+      os.replace(path, path.with_name(f"{step}.corrupt"))
+    self._manager.reload()
+
+  def load_config(self, step: int | None = None) -> tuple[int, dict] | None:
+    """``(step, config dict)`` of ``step`` (default: the newest readable)."""
+    for s in ([step] if step is not None else sorted(self.steps(), reverse=True)):
+      try:
+        restored = self._manager.restore(
+            s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return s, dict(restored.config)
+      except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+        if step is not None:
+          raise ValueError(f"cannot read the config of checkpoint {self.path(s)}: "
+                           f"{_first_line(e)}") from None
+        self._set_aside(s, e)
+    return None
+
+  def restore(self, target, step: int | None = None) -> tuple[int, Any] | None:
+    """``(step, state)`` from the newest readable checkpoint, or ``None`` if none.
+
+    Args:
+      target: a pytree with the structure, shapes and dtypes to restore into.
+      step: restore exactly this step (no fallback).
+
+    Raises:
+      ValueError: ``step`` is given and cannot be read.
+    """
+    target = _host_tree(target)
+    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    for s in candidates:
+      try:
+        restored = self._manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return s, restored.state
+      except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+        if step is not None:
+          raise ValueError(f"cannot restore checkpoint {self.path(s)}: "
+                           f"{_first_line(e)}") from None
+        self._set_aside(s, e)
+    return None

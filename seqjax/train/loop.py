@@ -1,0 +1,358 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One loop for every model of the zoo. It builds the data source, the model and
+the optimiser a config names, restores the newest checkpoint in ``workdir`` if
+there is one, and trains to ``config.train.steps`` with periodic evaluation and
+checkpoints. What a run leaves in ``workdir``:
+
+- ``checkpoints/<step>/``: Orbax checkpoints (train state + config JSON);
+- ``metrics.jsonl``: one JSON object per logged step and split;
+- ``tensorboard/``: the same metrics as TensorBoard event files.
+
+A run stopped by SIGTERM or SIGINT saves a checkpoint and returns normally; a
+run killed outright resumes from its last checkpoint and ends with the same
+parameters as an uninterrupted run, because the data position and the RNG key
+are part of the state. A non-finite loss stops the run with
+:class:`TrainingDiverged`, before any checkpoint of the bad state is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from seqjax import data as data_lib
+from seqjax import models as models_lib
+from seqjax.train import checkpoint as checkpoint_lib
+from seqjax.train import optim, parallel
+from seqjax.train import step as step_lib
+from seqjax.train.state import TrainState
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The fields every experiment has; experiments fill ``model`` and ``data``."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,                    # parameters, dropout and data all derive from it
+      model=ml_collections.ConfigDict(),
+      data=ml_collections.ConfigDict(),
+      optimizer=optim.default_config(),
+      train=ml_collections.ConfigDict(dict(
+          steps=1000,            # optimiser updates in the whole run
+          log_every=50,          # train metrics averaged over this many steps
+          eval_every=500,        # 0: only at the end
+          checkpoint_every=500,  # 0: only at the end (and on SIGTERM)
+          keep_checkpoints=3,    # newest kept ...
+          keep_best=1,           # ... plus the best by best_metric
+          best_metric="loss",    # an evaluation metric
+          best_mode="min",
+          async_checkpoints=True,
+          progress=True,         # progress bar on stderr
+      )),
+  ))
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+class _Writer:
+  """Metrics to ``metrics.jsonl`` and TensorBoard; silent on processes other than 0."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 writes
+      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+    self._jsonl.flush()
+    for name, value in metrics.items():
+      self._tb.add_scalar(f"{split}/{name}", value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class _Signals:
+  """Turns SIGTERM and SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _zeros(shapes):
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _add(total, metrics):
+  return metrics if total is None else jax.tree.map(np.add, total, metrics)
+
+
+class _Run:
+  """The pieces of one run, built from a config."""
+
+  def __init__(self, config, workdir: Path | None, log):
+    self.config, self.log = config, log
+    self.global_rows = config.data.batch_size
+    parallel.check_divisible(self.global_rows, "data.batch_size")
+    if "eval_batch_size" in config.data:
+      parallel.check_divisible(config.data.eval_batch_size, "data.eval_batch_size")
+    self.source = data_lib.create(config.data, shard=parallel.process_shard(),
+                                  seed=config.seed)
+    model_lib = models_lib.get(config.model.name)
+    self.model = model_lib.create(config.model)
+    self.loss_fn = functools.partial(model_lib.loss, config.model)
+    self.tx = optim.make_optimizer(config.optimizer, config.train.steps)
+    self.eval_step = step_lib.make_eval_step(self.model, self.loss_fn)
+    self.checkpointer = None
+    if workdir is not None:
+      train = config.train
+      self.checkpointer = checkpoint_lib.Checkpointer(
+          workdir / "checkpoints", keep=train.keep_checkpoints, keep_best=train.keep_best,
+          best_metric=train.best_metric, best_mode=train.best_mode,
+          async_save=train.async_checkpoints, log=log)
+
+  def initial_state(self) -> TrainState:
+    """Step 0: parameters from the seed; zero carry for streamed data."""
+    first = self.source.batch(0)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    variables = jax.jit(functools.partial(self.model.init, train=False))(
+        {"params": init_key, "dropout": init_key}, first, None)
+    carry = None
+    if self.source.stateful:
+      carry = _zeros(jax.eval_shape(
+          lambda v, b: self.model.apply(v, b, None, train=False)[0], variables, first))
+    return TrainState.create(params=variables["params"], tx=self.tx, rng=state_key,
+                             carry=carry)
+
+  # The saved form holds every process's rows of the carry.
+  def saveable(self, state: TrainState) -> dict:
+    return state.replace(carry=parallel.gather_rows(state.carry)).saveable()
+
+  def from_saved(self, template: TrainState, tree: dict) -> TrainState:
+    state = template.restored(tree)
+    return state.replace(carry=parallel.local_rows(state.carry, self.global_rows))
+
+  def restore_target(self, state: TrainState) -> dict:
+    grow = lambda x: np.zeros((self.global_rows,) + np.shape(x)[1:], np.asarray(x).dtype)
+    return state.replace(carry=jax.tree.map(grow, state.carry)).saveable()
+
+  def evaluate(self, params_on_devices) -> dict:
+    """Metrics over the whole evaluation split (carry kept across stream windows)."""
+    total, carry = None, None
+    for batch in self.source.eval_batches():
+      carry, metrics = self.eval_step(params_on_devices, parallel.shard(batch), carry)
+      if not self.source.stateful:
+        carry = None
+      total = _add(total, jax.device_get(jax.tree.map(lambda x: x[0], metrics)))
+    return step_lib.means(total)
+
+
+def _to_devices(state: TrainState) -> TrainState:
+  return parallel.replicate(state.replace(carry=None)).replace(
+      carry=parallel.shard(state.carry))
+
+
+def _from_devices(state: TrainState) -> TrainState:
+  return parallel.unreplicate(state.replace(carry=None)).replace(
+      carry=parallel.unshard(state.carry) if state.carry is not None else None)
+
+
+def _check_resumable(saved: dict, config) -> None:
+  """A workdir continues one run: the model and the batch layout must match."""
+  pairs = [("model", saved.get("model"), config.model.to_dict())]
+  for key in ("name", "batch_size"):
+    pairs.append((f"data.{key}", saved.get("data", {}).get(key), config.data.get(key)))
+  for name, before, now in pairs:
+    if before != now:
+      raise ValueError(f"the checkpoints in this workdir were written with {name} = "
+                       f"{before}, not {now}; use a new workdir to change it")
+
+
+def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
+  """Trains the model ``config`` describes, resuming from ``workdir``'s checkpoints.
+
+  Args:
+    config: an experiment config (see :func:`default_config`).
+    workdir: folder for checkpoints and metrics (created if missing).
+    log: where one-line notices go.
+
+  Returns:
+    A dict: ``step`` reached, ``stopped_by`` (the signal name, or ``None``),
+    and ``eval`` (the last evaluation's metrics, or ``{}``).
+
+  Raises:
+    TrainingDiverged: the training loss became NaN or infinite.
+    ValueError: a config that names unknown things or does not fit the devices.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = _Run(config, workdir, log)
+  cfg = config.train
+  lead = parallel.process_index() == 0
+
+  state = run.initial_state()
+  saved = run.checkpointer.load_config()
+  if saved is not None:
+    _check_resumable(saved[1], config)
+    restored = run.checkpointer.restore(run.restore_target(state))
+    if restored is not None:
+      state = run.from_saved(state, restored[1])
+      log(f"resumed from {run.checkpointer.path(restored[0])}")
+  start, position = int(state.step), int(state.data_position)
+  config_json = json.loads(config.to_json())
+
+  train_step = step_lib.make_train_step(run.model, run.loss_fn)
+  on_devices = _to_devices(state)
+  writer = _Writer(workdir, enabled=lead)
+  result = {"step": start, "stopped_by": None, "eval": {}}
+  tokens_per_step = int(np.prod(np.shape(run.source.batch(position)["inputs"])[:2])) \
+      * parallel.process_count()
+
+  pending = []          # (step, metrics on device) not yet fetched
+  last_saved = run.checkpointer.latest_step()
+  clock = time.perf_counter()
+
+  def flush(step: int) -> None:
+    """Fetches pending train metrics, stops on a non-finite loss, logs their mean."""
+    nonlocal pending, clock
+    if not pending:
+      return
+    fetched = [(s, jax.device_get(jax.tree.map(lambda x: x[0], m))) for s, m in pending]
+    for s, m in fetched:
+      total, _ = m["loss"]
+      if not math.isfinite(float(total)):
+        last = (f"the last good checkpoint is {run.checkpointer.path(last_saved)}"
+                if last_saved is not None else "no checkpoint was saved")
+        raise TrainingDiverged(f"training loss is {float(total)} at step {s}; stopping. "
+                               f"{last}")
+    total = None
+    for _, m in fetched:
+      total = _add(total, m)
+    metrics = step_lib.means(total)
+    elapsed = time.perf_counter() - clock
+    metrics["steps_per_second"] = len(fetched) / elapsed
+    metrics["tokens_per_second"] = len(fetched) * tokens_per_step / elapsed
+    writer.write(step, "train", metrics)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                    tok_s=f"{metrics['tokens_per_second']:.3g}", refresh=False)
+    pending, clock = [], time.perf_counter()
+
+  def save(step: int, metrics: dict | None) -> None:
+    nonlocal last_saved
+    host = _from_devices(on_devices)
+    run.checkpointer.save(step, run.saveable(host), config_json, metrics)
+    last_saved = step
+
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not (lead and cfg.progress),
+                  desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+  try:
+    with _Signals() as signals:
+      for step in range(start, cfg.steps):
+        batch = parallel.shard(run.source.batch(position))
+        on_devices, metrics = train_step(on_devices, batch)
+        pending.append((step + 1, metrics))
+        position, done = position + 1, step + 1
+        bar.update(1)
+        stop = signals.received  # read once: a signal may land mid-iteration
+        final = done == cfg.steps or stop is not None
+        if done % cfg.log_every == 0 or final:
+          flush(done)
+        evaluated = None
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+          flush(done)
+          evaluated = run.evaluate(on_devices.params)
+          writer.write(done, "eval", evaluated)
+          result["eval"] = evaluated
+          if lead:
+            bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}"
+                                                    for k, v in evaluated.items()))
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
+          flush(done)
+          save(done, evaluated)
+        result["step"] = done
+        if stop is not None:
+          result["stopped_by"] = stop
+          log(f"{stop} received: saved {run.checkpointer.path(done)}, stopping")
+          break
+  finally:
+    bar.close()
+    run.checkpointer.wait()
+    run.checkpointer.close()
+    writer.close()
+  if start >= cfg.steps:
+    log(f"nothing to do: the checkpoint is at step {start}, train.steps is {cfg.steps}")
+  return result
+
+
+def evaluate(workdir, *, step: int | None = None, checkpoint: str = "latest",
+             log=_stderr) -> dict:
+  """Evaluates a saved run: rebuilds the model from the checkpoint's config.
+
+  Args:
+    workdir: a training run's workdir.
+    step: evaluate this step; otherwise ``checkpoint`` decides.
+    checkpoint: ``"latest"`` or ``"best"``.
+
+  Returns:
+    ``{"step": int, "eval": metrics}``.
+
+  Raises:
+    ValueError: no readable checkpoint in ``workdir``.
+  """
+  directory = Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ValueError(f"no checkpoints in {workdir} (expected {directory})")
+  probe = checkpoint_lib.Checkpointer(directory, async_save=False, log=log)
+  if step is None and checkpoint == "best":
+    step = probe.best_step()
+    if step is None:
+      raise ValueError(f"no checkpoint in {directory} has an evaluation metric to rank by")
+  loaded = probe.load_config(step)
+  if loaded is None:
+    raise ValueError(f"no readable checkpoint in {directory}")
+  config = ml_collections.ConfigDict(loaded[1])
+  run = _Run(config, None, log)
+  state = run.initial_state()
+  _, tree = probe.restore(run.restore_target(state), step=loaded[0])
+  state = run.from_saved(state, tree)
+  metrics = run.evaluate(parallel.replicate(state.params))
+  probe.close()
+  return {"step": loaded[0], "eval": metrics}

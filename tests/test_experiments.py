@@ -1,0 +1,31 @@
+"""Every experiment config: documented, loads, and trains a few steps end to end."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from seqjax.cli import list_experiments, load_config
+from seqjax.train import loop
+
+EXPERIMENTS = sorted(list_experiments())
+
+
+def test_the_three_first_experiments_exist():
+  assert {"parity", "adding", "copy_memory"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_opens_with_its_command_time_and_result(name):
+  doc = list_experiments()[name].read_text().split('"""')[1]
+  assert f"seqjax train {name} --workdir" in doc
+  assert "Expected on 2 CPU cores:" in doc and "TODO" not in doc
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_quick_config_trains_and_evaluates(name, tmp_path: Path):
+  config = load_config(name, quick=True)
+  result = loop.train_and_evaluate(config, tmp_path, log=print)
+  assert result["step"] == config.train.steps
+  assert result["eval"] and all(math.isfinite(v) for v in result["eval"].values())
+  assert (tmp_path / "checkpoints" / str(config.train.steps)).is_dir()
