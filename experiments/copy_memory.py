@@ -1,9 +1,10 @@
 """The copy-memory task (Arjovsky et al. 2016): replay 10 symbols after a delay (many-to-many).
 
     seqjax train copy_memory --workdir /tmp/seqjax/copy
-    seqjax train copy_memory --workdir /tmp/seqjax/copy_gru --config.model.cell=gru
+    seqjax train copy_memory --workdir /tmp/seqjax/copy_lstm --config.model.cell=lstm
 
-Expected on 2 CPU cores: TIME_TODO, eval RESULT_TODO.
+Expected on 2 CPU cores: about 75 s, eval accuracy 0.95 on the replayed
+symbols, 0.025 nats/step (GRU; LSTM 0.43, Elman 0.13 = chance).
 
 Ten symbols from an alphabet of 8, a delay of T blank steps, a delimiter, then
 the model must output the ten symbols. The memoryless baseline (blanks, then
@@ -21,7 +22,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   config = loop.default_config()
   config.model = classifier.default_config()
   config.model.update(dict(
-      cell="lstm",
+      cell="gru",             # the LSTM learns this task much more slowly (README)
       hidden_size=64,
       vocab_size=10,          # blank 0, symbols 1..8, delimiter 9
       embed_size=16,
@@ -37,13 +38,12 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
       eval_batch_size=512,
       eval_batches=2,
   ))
-  config.optimizer.update(dict(name="adam", learning_rate=3e-3, clip_norm=1.0))
-  config.train.update(dict(steps=3000, log_every=100, eval_every=500,
-                           checkpoint_every=500))
+  config.optimizer.update(dict(name="adam", learning_rate=1e-2, clip_norm=1.0))
+  config.train.update(dict(steps=8000, log_every=100, eval_every=1000,
+                           checkpoint_every=1000))
   if quick:
     config.data.update(dict(seq_len=4, copy_length=3, batch_size=8, eval_batch_size=16,
                             eval_batches=1))
     config.model.hidden_size = 8
-    config.train.update(dict(steps=4, log_every=2, eval_every=2, checkpoint_every=2,
-                             progress=False))
+    loop.quick_train(config)
   return config

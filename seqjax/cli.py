@@ -136,8 +136,15 @@ def _writable_workdir(path: str) -> Path:
   return workdir
 
 
+class _Parser(argparse.ArgumentParser):
+  """Flag mistakes in the same one-line form as every other mistake."""
+
+  def error(self, message):
+    self.exit(USAGE_ERROR, f"seqjax: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="seqjax", description="seqjax experiments")
+  parser = _Parser(prog="seqjax", description="seqjax experiments")
   commands = parser.add_subparsers(dest="command", required=True)
   commands.add_parser("list", help="list the experiments")
 

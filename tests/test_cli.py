@@ -63,11 +63,14 @@ def test_mistakes_give_one_line_and_exit_2(capsys, tmp_path, argv, message):
   assert message in lines[0]
 
 
-def test_missing_workdir_flag_is_an_argparse_error(capsys):
+@pytest.mark.parametrize("argv", [["train", "parity"], ["eval"], ["fit"]])
+def test_flag_mistakes_give_one_line_and_exit_2(capsys, argv):
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(["train", "parity"])
+    cli.main(argv)
   assert exit_info.value.code == 2
-  assert "--workdir" in capsys.readouterr().err
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("seqjax: error: ")
+  assert ("--workdir" in lines[0]) == (argv[0] != "fit")
 
 
 def test_the_console_script_prints_no_traceback(tmp_path):

@@ -91,7 +91,10 @@ class Checkpointer:
         best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=self._options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -134,19 +137,30 @@ class Checkpointer:
       os.replace(path, path.with_name(f"{step}.corrupt"))
     self._manager.reload()
 
-  def load_config(self, step: int | None = None) -> tuple[int, dict] | None:
-    """``(step, config dict)`` of ``step`` (default: the newest readable)."""
+  def _newest_readable(self, step: int | None, read: Callable[[int], Any], what: str):
+    """``(s, read(s))`` for ``step``, or else for the newest step that reads.
+
+    An unreadable checkpoint is set aside and the next older one tried; a
+    :class:`LayoutMismatch` is the caller's mistake, not corruption, and stops.
+    """
     for s in ([step] if step is not None else sorted(self.steps(), reverse=True)):
       try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return s, dict(restored.config)
+        return s, read(s)
+      except LayoutMismatch:
+        raise
       except Exception as e:  # noqa: BLE001 - any failure to read means unusable
         if step is not None:
-          raise ValueError(f"cannot read the config of checkpoint {self.path(s)}: "
+          raise ValueError(f"cannot read {what} of checkpoint {self.path(s)}: "
                            f"{_first_line(e)}") from None
         self._set_aside(s, e)
     return None
+
+  def load_config(self, step: int | None = None) -> tuple[int, dict] | None:
+    """``(step, config dict)`` of ``step`` (default: the newest readable)."""
+    def read(s):
+      return dict(self._manager.restore(
+          s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+    return self._newest_readable(step, read, "the config")
 
   def restore(self, target, step: int | None = None) -> tuple[int, Any] | None:
     """``(step, state)`` from the newest readable checkpoint, or ``None`` if none.
@@ -156,18 +170,36 @@ class Checkpointer:
       step: restore exactly this step (no fallback).
 
     Raises:
+      LayoutMismatch: the checkpoint holds a state of another structure, shape
+        or dtype than ``target`` (another model or optimiser).
       ValueError: ``step`` is given and cannot be read.
     """
     target = _host_tree(target)
-    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
-    for s in candidates:
-      try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        return s, restored.state
-      except Exception as e:  # noqa: BLE001 - any failure to read means unusable
-        if step is not None:
-          raise ValueError(f"cannot restore checkpoint {self.path(s)}: "
-                           f"{_first_line(e)}") from None
-        self._set_aside(s, e)
-    return None
+
+    def read(s):
+      saved = self._manager.item_metadata(s)["state"].tree
+      _check_layout(saved, target, self.path(s))
+      return self._manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return self._newest_readable(step, read, "the state")
+
+
+class LayoutMismatch(ValueError):
+  """A readable checkpoint whose arrays do not fit the state to restore."""
+
+
+def _layout(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in leaves}
+
+
+def _check_layout(saved, target, path: Path) -> None:
+  saved, expected = _layout(saved), _layout(target)
+  for key in sorted(set(saved) | set(expected)):
+    if saved.get(key) != expected.get(key):
+      describe = lambda v: "absent" if v is None else f"{v[0]} {v[1]}"
+      raise LayoutMismatch(
+          f"checkpoint {path} holds another state layout (another model or "
+          f"optimiser?): at {key} it has {describe(saved.get(key))}, the run expects "
+          f"{describe(expected.get(key))}; use a new workdir")

@@ -66,6 +66,13 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
+def quick_train(config) -> None:
+  """Shrinks ``config.train`` for tests: four steps that still log, evaluate and
+  checkpoint twice (an experiment's ``get_config(quick=True)`` calls it)."""
+  config.train.update(dict(steps=4, log_every=2, eval_every=2, checkpoint_every=2,
+                           progress=False))
+
+
 def _stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 

@@ -74,5 +74,16 @@ def test_bad_arguments_raise(tmp_path):
   ckpt = _ckpt(tmp_path)
   ckpt.save(1, _state(), {})
   ckpt.wait()
-  with pytest.raises(ValueError, match="cannot restore checkpoint"):
+  with pytest.raises(checkpoint.LayoutMismatch, match="holds another state layout"):
     ckpt.restore({"other": np.zeros(3)}, step=1)
+
+
+def test_a_state_of_another_layout_is_refused_not_set_aside(tmp_path):
+  ckpt = _ckpt(tmp_path, async_save=False)
+  ckpt.save(1, _state(), {})
+  other = _state()
+  other["params"]["w"] = np.zeros((4, 2), np.float32)   # another model size
+  with pytest.raises(checkpoint.LayoutMismatch, match=r"\['params'\]\['w'\] it has \(3, 2\) "
+                     r"float32, the run expects \(4, 2\) float32"):
+    ckpt.restore(other)
+  assert ckpt.steps() == [1]

@@ -76,19 +76,20 @@ def test_killed_run_resumes_to_the_same_params_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, sig):
   proc = _seqjax(["train", "copy_memory", "--quick", *OVERRIDES, "--workdir", str(tmp_path),
                   "--config.train.steps=100000", "--config.train.checkpoint_every=50"])
   _wait_for_checkpoint(tmp_path, proc)
   time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
   result = json.loads(out.strip().splitlines()[-1])
-  assert result["stopped_by"] == "SIGTERM"
+  assert result["stopped_by"] == sig.name
   steps = checkpoint.Checkpointer(tmp_path / "checkpoints").steps()
   assert result["step"] in steps and 0 < result["step"] < 100000
-  assert f"SIGTERM received: saved {tmp_path / 'checkpoints' / str(result['step'])}" in err
+  assert f"{sig.name} received: saved {tmp_path / 'checkpoints' / str(result['step'])}" in err
 
 
 def test_divergence_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
@@ -185,3 +186,8 @@ def test_changing_the_model_in_a_used_workdir_is_refused(tmp_path):
   config = load_config("adding", ["model.hidden_size=9"], quick=True)
   with pytest.raises(ValueError, match="written with model"):
     loop.train_and_evaluate(config, tmp_path, log=print)
+  # Another optimiser has another state: refused, and the checkpoints stay.
+  config = load_config("adding", ["optimizer.name=sgd", "train.steps=8"], quick=True)
+  with pytest.raises(checkpoint.LayoutMismatch, match="opt_state"):
+    loop.train_and_evaluate(config, tmp_path, log=print)
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints").steps() == [2, 4]
