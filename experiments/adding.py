@@ -8,9 +8,8 @@ in 50 s; the Elman network fails at 0.164, the baseline).
 
 Two of up to T steps are marked; the target is the sum of their values.
 Predicting the mean scores MSE 1/6 (0.164 on the evaluation set), so anything
-well below that means the
-carry held the first marked value across the sequence; padding past each
-sequence's length must not leak into the answer.
+well below that means the carry held the first marked value across the
+sequence; padding past each sequence's length must not leak into the answer.
 """
 
 import ml_collections
