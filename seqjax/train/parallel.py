@@ -155,9 +155,3 @@ def local_rows(tree, rows: int):
   part = process_rows(rows)
   return jax.tree.map(lambda x: np.asarray(x)[part], tree)
 
-
-def sync(name: str) -> None:
-  """Waits until every process reaches this point."""
-  if process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
