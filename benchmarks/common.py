@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmark scripts: timing, environment, JSON output.
+
+Every script writes one JSON file: ``{"benchmark": name, "environment": {...},
+"config": {...}, "results": [...]}``. Times are wall-clock seconds of calls
+that block until their result is ready; a script reports medians over repeats
+and, where it compares contenders, interleaves them round by round so a slow
+spell of the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def environment() -> dict:
+  """What the numbers were measured on."""
+  import jax  # noqa: PLC0415 - after the caller has set up its environment
+
+  device = jax.devices()[0]
+  env = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "device": getattr(device, "device_kind", str(device)),
+      "device_count": jax.device_count(),
+  }
+  for name in ("torch", "flax", "keras"):
+    module = sys.modules.get(name)
+    if module is not None:
+      env[name] = getattr(module, "__version__", "?")
+  return env
+
+
+def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+  """Seconds of each of ``repeats`` calls of ``fn`` (which must block)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def median(values) -> float:
+  return float(statistics.median(values))
+
+
+def spread(values) -> dict:
+  """Median, min and max of a list of numbers."""
+  return {"median": median(values), "min": float(min(values)), "max": float(max(values))}
+
+
+def write(path: Path, benchmark: str, config: dict, results: list) -> dict:
+  payload = {"benchmark": benchmark, "environment": environment(), "config": config,
+             "results": results}
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=1) + "\n")
+  print(f"wrote {path}", file=sys.stderr)
+  return payload
+
+
+def arguments(description: str, name: str) -> argparse.ArgumentParser:
+  """The flags every script shares: ``--quick``, ``--out``, ``--plots``."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--quick", action="store_true",
+                      help="a tiny configuration (seconds), for tests")
+  parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json",
+                      help="where the JSON results go")
+  parser.add_argument("--plots", type=Path, default=None,
+                      help="folder for PNG plots (default: next to --out)")
+  return parser
+
+
+def replace_between_markers(path: Path, marker: str, text: str) -> None:
+  """Replaces what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->``."""
+  start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+  content = path.read_text()
+  if start not in content or end not in content:
+    raise ValueError(f"{path} has no {start} ... {end} block")
+  head, rest = content.split(start, 1)
+  _, tail = rest.split(end, 1)
+  path.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}")

@@ -1,0 +1,109 @@
+"""Each benchmark script runs in its tiny configuration and writes well-formed JSON.
+
+No timing is asserted: the numbers depend on the machine. The checks are that
+every script runs, and that its JSON has the documented shape, with positive
+finite measurements, so a broken benchmark is noticed before someone relies on it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+ENVIRONMENT = {"date", "python", "platform", "cpu_count", "jax", "backend", "device"}
+
+
+def _run(script, tmp_path, *extra):
+  out = tmp_path / f"{script}.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out",
+                         str(out), *extra], env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  assert payload["benchmark"] == script
+  assert ENVIRONMENT <= set(payload["environment"])
+  assert isinstance(payload["config"], dict) and payload["results"]
+  return payload, done.stdout
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _spread(s):
+  assert set(s) == {"median", "min", "max"}
+  assert _positive(s["median"]) and s["min"] <= s["median"] <= s["max"]
+
+
+def test_peers(tmp_path):
+  payload, out = _run("peers", tmp_path)
+  rows = [r for r in payload["results"] if "contender" in r]
+  ratios = [r for r in payload["results"] if "vs" in r]
+  assert {r["contender"] for r in rows} == {"seqjax", "torch", "flax", "keras"}
+  assert {(r["cell"], r["mode"]) for r in rows} == {
+      (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
+  for r in rows:
+    _spread(r["tokens_per_s"])
+    assert len(r["rounds"]) == payload["config"]["rounds"]
+  assert len(ratios) == 3 * 4  # three peers, for each cell and mode
+  for r in ratios:
+    _spread(r["ratio"])
+  assert "| LSTM | (q) B4 T16 D=H=8 | train |" in out  # the README table
+
+
+def test_peers_table_replaces_only_its_block(tmp_path):
+  sys.path.insert(0, str(BENCH))
+  try:
+    import common  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(BENCH))
+  page = tmp_path / "README.md"
+  page.write_text("before\n<!-- peers:start -->\nold\n<!-- peers:end -->\nafter\n")
+  common.replace_between_markers(page, "peers", "| new |")
+  assert page.read_text() == "before\n<!-- peers:start -->\n| new |\n<!-- peers:end -->\nafter\n"
+  with pytest.raises(ValueError, match="no <!-- other:start -->"):
+    common.replace_between_markers(page, "other", "x")
+
+
+def test_scan_vs_unroll(tmp_path):
+  payload, _ = _run("scan_vs_unroll", tmp_path)
+  rows = payload["results"]
+  assert {r["cell"] for r in rows} == {"elman", "lstm", "gru"}
+  assert {r["method"] for r in rows} == {"scan", "unroll"}
+  for r in rows:
+    for key in ("forward_s", "train_s", "forward_compile_s", "train_compile_s",
+                "forward_tokens_per_s", "train_tokens_per_s"):
+      assert _positive(r[key]), (key, r)
+  for name in ("scan_vs_unroll_time.png", "scan_vs_unroll_compile.png"):
+    assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_sampling(tmp_path):
+  payload, _ = _run("sampling", tmp_path)
+  rows = payload["results"]
+  assert {(r["variant"], r["batch"]) for r in rows} == {
+      (v, b) for v in ("plain", "table") for b in payload["config"]["batches"]}
+  for r in rows:
+    _spread(r["tokens_per_s"])
+    assert 0.0 <= r["same_tokens_as_plain"] <= 1.0
+
+
+def test_vanishing_gradients(tmp_path):
+  payload, _ = _run("vanishing_gradients", tmp_path)
+  curves = [r for r in payload["results"] if "cell" in r]
+  assert {(r["cell"], r["stage"]) for r in curves} == {
+      (c, s) for c in ("elman", "lstm", "gru") for s in ("init", "trained")}
+  for r in curves:
+    assert len(r["grad_norm_by_step"]) == payload["config"]["T"]
+    assert all(math.isfinite(g) and g >= 0 for g in r["grad_norm_by_step"])
+  scalar = payload["results"][-1]["scalar"]
+  assert len(scalar["w"]) == len(scalar["h_T"]) == len(scalar["dh_T_dh_0"])
+  for name in ("vanishing_gradients.png", "scalar_recurrence.png"):
+    assert (tmp_path / name).stat().st_size > 1000
