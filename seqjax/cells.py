@@ -27,6 +27,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from seqjax import fused
+
 Array = jax.Array
 Params = dict[str, Array]
 Carry = Any  # an array [*batch, H] or a NamedTuple of them
@@ -108,6 +110,12 @@ class _Cell:
   def project(self, params: Params, xs: Array) -> Array:
     """Input-to-hidden projection of all steps: [..., D] -> [..., G*H]."""
     return xs @ params["w_x"] + params["b"]
+
+  # A cell may run a whole sequence in one fused function (with its own
+  # backward pass); the scan driver then calls it instead of ``step``:
+  # ``fused_scan(params, xs [T, B, D], carry, valid, resets) -> (carry, ys)``,
+  # time-major, with the driver's masking and reset semantics.
+  fused_scan: ClassVar[Any] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +212,11 @@ class LSTM(_Cell):
     c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return LSTMCarry(h=h, c=c), h
+
+  def fused_scan(self, params: Params, xs: Array, carry: LSTMCarry, valid, resets):
+    """The whole sequence with a hand-written backward pass (:mod:`seqjax.fused`)."""
+    h, c, ys = fused.lstm_scan(params, xs, carry.h, carry.c, valid, resets)
+    return LSTMCarry(h=h, c=c), ys
 
 
 @dataclasses.dataclass(frozen=True)
