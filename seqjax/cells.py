@@ -283,6 +283,15 @@ class GRU(_Cell):
     h = (1.0 - z) * n + z * carry
     return h, h
 
+  @property
+  def fused_scan(self):
+    """The reset-after GRU's whole-sequence function (:mod:`seqjax.fused`)."""
+    if not self.reset_after:
+      return None
+    def scan(params, xs, carry, valid, resets):
+      return fused.gru_scan(params, xs, carry, valid, resets)
+    return scan
+
 
 @dataclasses.dataclass(frozen=True)
 class MinGRU(_Cell):

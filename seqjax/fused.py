@@ -1,4 +1,4 @@
-"""Whole-sequence LSTM with a hand-written backward pass (the CPU fast path).
+"""Whole-sequence LSTM and GRU with hand-written backward passes (the CPU fast path).
 
 ``jax.grad`` of a ``lax.scan`` LSTM accumulates the weight gradients inside the
 reverse loop: every step adds an [H, 4H] outer product into an accumulator
@@ -18,9 +18,11 @@ written once and read back step by step), while the per-step matmul costs
 little next to the recurrent one.
 
 Semantics are those of :func:`seqjax.recurrence.scan` on
-:class:`seqjax.cells.LSTM`, including ``valid`` (hold the carry, emit zeros)
-and ``resets`` (the carry returns to zeros before the step). Everything here
-is time-major: [T, B, ...].
+:class:`seqjax.cells.LSTM` and the reset-after :class:`seqjax.cells.GRU`,
+including ``valid`` (hold the carry, emit zeros) and ``resets`` (the carry
+returns to zeros before the step). Everything here is time-major: [T, B, ...].
+The scan driver uses these functions by default (``unroll=1``); other
+``unroll`` values and the other drivers run the cells' ``step``.
 """
 
 from __future__ import annotations
@@ -130,3 +132,93 @@ def _lstm_bwd(residuals, cotangents):
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+# ---------------------------------------------------------------------------
+# GRU, reset_after=True (gates r, z, n):
+#   r = s(x_r + h W_hr), z = s(x_z + h W_hz), n = tanh(x_n + r (h W_hn + b_hn)),
+#   h' = (1 - z) n + z h.
+# The reverse loop emits only dh_t; the gate gradients are rebuilt after the
+# loop from multipliers saved by the forward pass, all steps at once.
+
+
+def _gru_forward(params, xs, h0, valid, resets, save: bool):
+  w_x, w_h, b, b_hn = params["w_x"], params["w_h"], params["b"], params["b_hn"]
+  hidden = w_h.shape[0]
+
+  def step(h, inputs):
+    x_t, v_t, r_t = inputs
+    if r_t is not None:
+      h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
+    xp = x_t @ w_x + b  # [B, 3H]
+    hw = h @ w_h  # [B, 3H]
+    r = jax.nn.sigmoid(xp[:, :hidden] + hw[:, :hidden])
+    z = jax.nn.sigmoid(xp[:, hidden:2 * hidden] + hw[:, hidden:2 * hidden])
+    hn = hw[:, 2 * hidden:] + b_hn
+    n = jnp.tanh(xp[:, 2 * hidden:] + r * hn)
+    h_new = (1 - z) * n + z * h
+    y = h_new
+    if v_t is not None:
+      v = v_t[:, None]
+      y = jnp.where(v, h_new, jnp.zeros_like(h_new))
+      h_new = jnp.where(v, h_new, h)
+    saved = None
+    if save:
+      a = (1 - z) * (1 - n * n)  # dn_pre = dh * a
+      dr = a * hn * r * (1 - r)  # dr_pre = dh * dr
+      dz = (h - n) * z * (1 - z)  # dz_pre = dh * dz
+      saved = (h, jnp.concatenate([dr, dz, a], axis=-1),   # d xp  = dh * this
+               jnp.concatenate([dr, dz, a * r], axis=-1),  # d (h W_h) = dh * this
+               z)
+    return h_new, (y, saved)
+
+  h, (ys, saved) = jax.lax.scan(step, h0, (xs, valid, resets))
+  return (h, ys), saved
+
+
+@jax.custom_vjp
+def gru_scan(params, xs, h0, valid, resets):
+  """``(h_T, ys)`` of a reset-after GRU over time-major ``xs [T, B, D]``.
+
+  Args:
+    params: ``{"w_x": [D, 3H], "w_h": [H, 3H], "b": [3H], "b_hn": [H]}``.
+    xs, h0, valid, resets: as for :func:`lstm_scan` (``h0`` is the carry).
+  """
+  return _gru_forward(params, xs, h0, valid, resets, save=False)[0]
+
+
+def _gru_fwd(params, xs, h0, valid, resets):
+  out, saved = _gru_forward(params, xs, h0, valid, resets, save=True)
+  return out, (params, xs, valid, resets, saved)
+
+
+def _gru_bwd(residuals, cotangents):
+  params, xs, valid, resets, (hs, px, ph, zs) = residuals
+  dh_t, dys = cotangents
+  w_x, w_h = params["w_x"], params["w_h"]
+  w_h_t = w_h.T
+
+  def step(dh, inputs):
+    dy, p_h, z, v_t, r_t = inputs
+    dh_step = dh + dy
+    if v_t is not None:
+      dh_step = jnp.where(v_t[:, None], dh_step, jnp.zeros_like(dh))
+    dh_in = (jnp.tile(dh_step, 3) * p_h) @ w_h_t + dh_step * z
+    if v_t is not None:
+      dh_in = jnp.where(v_t[:, None], dh_in, dh)
+    if r_t is not None:
+      dh_in = jnp.where(r_t[:, None], jnp.zeros_like(dh_in), dh_in)
+    return dh_in, dh_step
+
+  dh0, dh_steps = jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+  tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
+  dxp, dhw = tiled * px, tiled * ph
+  hidden = w_h.shape[0]
+  grads = {"w_x": jnp.einsum("tbd,tbg->dg", xs, dxp),
+           "w_h": jnp.einsum("tbh,tbg->hg", hs, dhw),
+           "b": jnp.sum(dxp, axis=(0, 1)),
+           "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
+  return grads, dxp @ w_x.T, dh0, None, None
+
+
+gru_scan.defvjp(_gru_fwd, _gru_bwd)

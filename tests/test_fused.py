@@ -1,4 +1,5 @@
-"""The fused LSTM (seqjax.fused): the scan driver uses it, and it equals the step path.
+"""The fused LSTM and GRU (seqjax.fused): the scan driver uses them, and they
+equal the step path.
 
 The driver-vs-reference matrix in test_recurrence.py already runs every option
 through it (values and gradients against NumPy); these tests pin down that the
@@ -14,8 +15,11 @@ import seqjax
 from seqjax import cells
 
 
-def _inputs(b=3, t=9, d=4, h=5, dtype=jnp.float64):
-  cell = cells.LSTM(h)
+FUSED = [cells.LSTM(5), cells.GRU(5)]
+
+
+def _inputs(cell=FUSED[0], b=3, t=9, d=4, dtype=jnp.float64):
+  h = cell.hidden_size
   params = cell.init(jax.random.key(0), d, dtype)
   xs = jax.random.normal(jax.random.key(1), (b, t, d), dtype)
   carry = jax.tree.map(lambda z: jax.random.normal(jax.random.key(2), z.shape, dtype),
@@ -23,11 +27,16 @@ def _inputs(b=3, t=9, d=4, h=5, dtype=jnp.float64):
   return cell, params, xs, carry
 
 
-def test_scan_takes_the_fused_path_and_other_drivers_do_not():
-  cell, params, xs, _ = _inputs()
+@pytest.mark.parametrize("cell", FUSED, ids=["lstm", "gru"])
+def test_scan_takes_the_fused_path_and_other_drivers_do_not(cell):
+  cell, params, xs, _ = _inputs(cell)
   fused = str(jax.make_jaxpr(lambda p: seqjax.scan(cell, p, xs))(params))
   stepped = str(jax.make_jaxpr(lambda p: seqjax.scan(cell, p, xs, unroll=2))(params))
   assert "custom_vjp" in fused and "custom_vjp" not in stepped
+
+
+def test_the_original_gru_form_has_no_fused_path():
+  assert cells.GRU(5, reset_after=False).fused_scan is None
 
 
 @pytest.mark.parametrize("options", [
@@ -35,13 +44,15 @@ def test_scan_takes_the_fused_path_and_other_drivers_do_not():
     {"mask": np.array([[True, False, True] * 3] * 3)},
     {"resets": np.eye(3, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8]), "reverse": True},
 ])
-def test_fused_equals_the_step_path_in_values_and_gradients(options):
-  cell, params, xs, carry = _inputs()
+@pytest.mark.parametrize("cell", FUSED, ids=["lstm", "gru"])
+def test_fused_equals_the_step_path_in_values_and_gradients(cell, options):
+  cell, params, xs, carry = _inputs(cell)
   weights = jax.random.normal(jax.random.key(3), (3, 9, 5), jnp.float64)
 
   def loss(unroll, params, xs, carry):
     final, ys = seqjax.scan(cell, params, xs, carry, unroll=unroll, **options)
-    return jnp.sum(ys * weights) + jnp.sum(final.h * 0.3) + jnp.sum(final.c * 0.7)
+    return jnp.sum(ys * weights) + sum(jnp.sum(leaf * (0.3 + k))
+                                       for k, leaf in enumerate(jax.tree.leaves(final)))
 
   fused = jax.value_and_grad(lambda *a: loss(1, *a), argnums=(0, 1, 2))(params, xs, carry)
   stepped = jax.value_and_grad(lambda *a: loss(2, *a), argnums=(0, 1, 2))(params, xs, carry)
@@ -49,13 +60,14 @@ def test_fused_equals_the_step_path_in_values_and_gradients(options):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_and_float32_run_and_agree_with_float64():
-  cell, params64, xs64, _ = _inputs()
+@pytest.mark.parametrize("cell", FUSED, ids=["lstm", "gru"])
+def test_bfloat16_and_float32_run_and_agree_with_float64(cell):
+  cell, params64, xs64, _ = _inputs(cell)
   _, ys64 = seqjax.scan(cell, params64, xs64)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)):
     params = jax.tree.map(lambda p: p.astype(dtype), params64)
     carry, ys = jax.jit(seqjax.scan, static_argnums=0)(cell, params, xs64.astype(dtype))
-    assert ys.dtype == dtype and carry.c.dtype == dtype
+    assert ys.dtype == dtype and all(c.dtype == dtype for c in jax.tree.leaves(carry))
     np.testing.assert_allclose(np.asarray(ys, np.float64), ys64, atol=tol)
     grads = jax.grad(lambda p: jnp.sum(seqjax.scan(cell, p, xs64.astype(dtype))[1]
                                        .astype(jnp.float32)))(params)
