@@ -92,15 +92,17 @@ def scalar_recurrence(ws, steps, h0=0.5):
   return state, grad
 
 
-def plot(curves, scalar, folder):
+def plot(curves, scalar, losses, steps, folder):
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  titles = {"init": "at initialisation", "trained": f"after {steps} Adam steps (adding)"}
   for ax, stage in zip(axes, ("init", "trained")):
     for name, norms in curves[stage].items():
-      ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-30), label=name.upper())
-    ax.set(yscale="log", xlabel="step t", title=f"||dL_T / dh_t||, {stage}")
+      label = name.upper() + (f" (MSE {losses[name]:.3f})" if stage == "trained" else "")
+      ax.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-30), label=label)
+    ax.set(yscale="log", xlabel="step t", title=f"||dL_T / dh_t||, {titles[stage]}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
   axes[0].set_ylabel("gradient norm (batch mean)")
@@ -146,7 +148,7 @@ def main(argv=None):
   results.append(dict(scalar=scalar, train_loss=losses))
   config = dict(H=hidden, T=seq_len, B=batch, train_steps=steps)
   common.write(args.out, "vanishing_gradients", config, results)
-  plot(curves, scalar, args.plots or args.out.parent)
+  plot(curves, scalar, losses, steps, args.plots or args.out.parent)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ and equal cells share compiled code:
 - ``initial_carry(batch_shape, dtype)`` -> the zero carry;
 - ``project(params, xs)`` -> the input-to-hidden projection of every step at
   once (one large matmul, hoisted out of the recurrence);
-- ``step(params, carry, xp_t)`` -> ``(carry, y_t)``, the recurrent part only.
+- ``step(params, carry, xp_t)`` -> ``(carry, y_t)``, the recurrent part only;
+- ``fused_scan`` (LSTM and reset-after GRU; ``None`` for the others) -> a whole
+  sequence in one function with a hand-written backward pass
+  (:mod:`seqjax.fused`), which the scan driver prefers: measured faster on CPU.
 
 The drivers in :mod:`seqjax.recurrence` run a cell over a sequence. This module
 imports only JAX: no Flax, no optax, no I/O.

@@ -13,9 +13,7 @@ do:
 
 The forward pass multiplies x_t W_x inside the loop rather than projecting
 all steps first: measured on CPU, hoisting the projection out of the loop
-made the LSTM about 2x slower in inference (the [T, B, 4H] projection is
-written once and read back step by step), while the per-step matmul costs
-little next to the recurrent one.
+made the LSTM about 2x slower in inference (benchmarks/README.md).
 
 Semantics are those of :func:`seqjax.recurrence.scan` on
 :class:`seqjax.cells.LSTM` and the reset-after :class:`seqjax.cells.GRU`,
@@ -23,6 +21,12 @@ including ``valid`` (hold the carry, emit zeros) and ``resets`` (the carry
 returns to zeros before the step). Everything here is time-major: [T, B, ...].
 The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
+
+Notes:
+  Being ``jax.custom_vjp`` functions, they support reverse mode (``grad``,
+  ``vjp``, ``jacrev``, reverse-over-reverse) but not forward mode: ``jax.jvp``
+  and ``jax.jacfwd`` raise JAX's "can't apply forward-mode autodiff" error.
+  For forward mode, run the scan with ``unroll=2`` or ``method="unroll"``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Conventions shared by all of them (and by :func:`bidirectional` and
 All the work that does not depend on the carry (the input projection, masks,
 the within-length reversal) happens outside the loop; the loop runs one
 masked step body, shared by every driver, so the drivers agree exactly.
+The exception is ``scan`` with ``unroll=1`` on a cell with a ``fused_scan``
+(LSTM, reset-after GRU): it runs that fused sequence function instead, which
+projects inside its loop and has its own backward pass (:mod:`seqjax.fused`);
+it is tested to equal the step path in values and gradients.
 
 Shapes are checked at trace time: a mistake raises a ``ValueError`` saying what
 was expected and what arrived, before anything reaches XLA.

@@ -72,3 +72,15 @@ def test_bfloat16_and_float32_run_and_agree_with_float64(cell):
     grads = jax.grad(lambda p: jnp.sum(seqjax.scan(cell, p, xs64.astype(dtype))[1]
                                        .astype(jnp.float32)))(params)
     assert all(g.dtype == dtype for g in jax.tree.leaves(grads))
+
+
+def test_forward_mode_needs_the_step_path():
+  cell, params, xs, _ = _inputs()
+  f = lambda unroll: (lambda x: seqjax.scan(cell, params, x, unroll=unroll)[1])
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(f(1), (xs,), (xs,))
+  _, tangent = jax.jvp(f(2), (xs,), (xs,))
+  _, vjp = jax.vjp(f(1), xs)
+  # <J v, J v> computed both ways: forward mode on the step path, reverse on the fused.
+  (jt_jv,) = vjp(tangent)
+  np.testing.assert_allclose(jnp.vdot(tangent, tangent), jnp.vdot(jt_jv, xs), rtol=1e-10)
