@@ -224,8 +224,8 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
         f"{type(cell).__name__} is not linear: use method='scan' or 'unroll'")
 
   # Time-major inside: the loop runs over the leading axis. A cell's fused
-  # sequence function (the LSTM's) projects inside its loop, as measured faster
-  # on CPU; every other path projects all steps at once, outside the loop.
+  # sequence function (LSTM, reset-after GRU) projects inside its loop, as
+  # measured faster on CPU; every other path projects all steps at once.
   to_tm = (lambda a: a) if time_major else (lambda a: jnp.swapaxes(a, 0, 1))
   fused = core == "scan" and unroll == 1 and cell.fused_scan is not None
   dtype = jnp.result_type(xs, params["w_x"], params["b"])
