@@ -440,15 +440,29 @@ def bidirectional(cell, params, xs, carry=None, *, merge="concat", method="scan"
 _bidirectional = bidirectional  # `stacked` has an argument of that name
 
 
-def _dropout(key, rate: float, x: Array) -> Array:
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+def _dropout(key, rate: float, x: Array, mask_shape=None) -> Array:
+  """Inverted dropout; ``mask_shape`` (broadcast to ``x``) shares one draw over axes of size 1."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape if mask_shape is None else mask_shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _drop_recurrent_weights(key, rate: float, cell, params):
+  """DropConnect on the recurrent matrix ``w_h`` of one layer's params."""
+  if "w_h" not in cell.param_shapes(1):
+    raise ValueError(f"weight_drop needs cells with a recurrent matrix w_h; "
+                     f"{type(cell).__name__} has none")
+  if set(params) == {"forward", "backward"}:  # a bidirectional layer
+    k_f, k_b = jax.random.split(key)
+    return {"forward": _drop_recurrent_weights(k_f, rate, cell, params["forward"]),
+            "backward": _drop_recurrent_weights(k_b, rate, cell, params["backward"])}
+  return dict(params, w_h=_dropout(key, rate, params["w_h"]))
 
 
 def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
             bidirectional: bool = False, merge="concat", residual=False,
-            dropout_rate=0.0, dropout_key=None, method="scan", lengths=None,
-            mask=None, resets=None, reverse=False, unroll=1, time_major=False):
+            dropout_rate=0.0, variational=False, weight_drop=0.0, dropout_key=None,
+            method="scan", lengths=None, mask=None, resets=None, reverse=False,
+            unroll=1, time_major=False):
   """Runs layers of cells, each layer's outputs the next layer's inputs.
 
   Args:
@@ -462,8 +476,13 @@ def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
       first (the first usually changes the feature size).
     dropout_rate: dropout on the outputs of every layer but the last, as in
       PyTorch's ``nn.LSTM(dropout=...)``.
-    dropout_key: PRNG key for that dropout; None means no dropout
-      (evaluation), whatever the rate.
+    variational: draw that dropout mask once per sequence and share it over
+      every time step (Gal & Ghahramani 2016), instead of per element.
+    weight_drop: DropConnect on each layer's recurrent matrix ``w_h`` (Wan et
+      al. 2013; AWD-LSTM, Merity et al. 2018): one mask per call, shared by
+      every sequence and step; the input weights and biases are untouched.
+    dropout_key: PRNG key for both kinds of dropout; None means no dropout
+      (evaluation), whatever the rates.
     (the rest as in :func:`scan`; ``reverse`` applies to unidirectional layers)
 
   Returns:
@@ -492,15 +511,23 @@ def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
   elif not isinstance(carry, (tuple, list)) or len(carry) != len(cells):
     raise ValueError(f"stacked carry must be a tuple of {len(cells)} per-layer "
                      f"carries, got {type(carry).__name__}")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  for name, rate in (("dropout_rate", dropout_rate), ("weight_drop", weight_drop)):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"{name} must be in [0, 1), got {rate}")
   use_dropout = dropout_key is not None and dropout_rate > 0.0
+  use_weight_drop = dropout_key is not None and weight_drop > 0.0
   keys = jax.random.split(dropout_key, len(cells)) if use_dropout else None
+  # Weight drop draws from its own stream, so turning it on leaves the output
+  # dropout masks as they were.
+  weight_keys = (jax.random.split(jax.random.fold_in(dropout_key, 1), len(cells))
+                 if use_weight_drop else None)
 
   common = dict(method=method, lengths=lengths, mask=mask, resets=resets,
                 unroll=unroll, time_major=time_major)
   carries, x = [], xs
   for layer, (cell, p, c) in enumerate(zip(cells, params, carry)):
+    if use_weight_drop:
+      p = _drop_recurrent_weights(weight_keys[layer], weight_drop, cell, p)
     if bidirectional:
       c, y = _bidirectional(cell, p, x, c, merge=merge, **common)
     else:
@@ -512,7 +539,10 @@ def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
             f"input {x.shape[-1]} and output {y.shape[-1]}")
       y = y + x
     if use_dropout and layer < len(cells) - 1:
-      y = _dropout(keys[layer], dropout_rate, y)
+      shared = None
+      if variational:  # one mask per sequence: size 1 on the time axis
+        shared = (1,) + y.shape[1:] if time_major else (y.shape[0], 1) + y.shape[2:]
+      y = _dropout(keys[layer], dropout_rate, y, shared)
     carries.append(c)
     x = y
   return tuple(carries), x

@@ -105,6 +105,37 @@ def test_stacked_dropout_uses_the_dropout_rng():
     model.apply(variables, xs, deterministic=False)
 
 
+def test_stacked_weight_drop_and_variational_dropout_reach_the_driver(monkeypatch):
+  """The layer hands both options and a key from the "dropout" stream to ``stacked``."""
+  model = snn.StackedRNN((cells.LSTM(H), cells.GRU(H)), dropout_rate=0.5, variational=True,
+                         weight_drop=0.3)
+  xs = _xs()
+  variables = model.init(jax.random.key(4), xs)
+  layers = [variables["params"]["layer_0"], variables["params"]["layer_1"]]
+  calls = []
+  real = seqjax.recurrence.stacked
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(seqjax.recurrence, "stacked", spy)
+  evaluate = model.apply(variables, xs)[1]
+  assert calls[-1]["dropout_key"] is None
+  train = model.apply(variables, xs, deterministic=False,
+                      rngs={"dropout": jax.random.key(9)})[1]
+  seen = calls[-1]
+  assert (seen["dropout_rate"], seen["variational"], seen["weight_drop"]) == (0.5, True, 0.3)
+  expected = real(model.cells, layers, xs, dropout_rate=0.5, variational=True,
+                  weight_drop=0.3, dropout_key=seen["dropout_key"])[1]
+  np.testing.assert_array_equal(train, expected)
+  assert not np.allclose(train, evaluate)
+  # Weight drop alone still asks for the key.
+  snn.StackedRNN(model.cells, weight_drop=0.3).apply(
+      variables, xs, deterministic=False, rngs={"dropout": jax.random.key(9)})
+  assert calls[-1]["dropout_key"] is not None and calls[-1]["dropout_rate"] == 0.0
+
+
 class _Classifier(nn.Module):
   """Embedding -> bidirectional stacked GRU -> mean over valid steps -> logits."""
 

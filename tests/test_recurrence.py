@@ -371,6 +371,65 @@ def test_stacked_dropout_masks_between_layers():
   np.testing.assert_allclose(ys, expected, rtol=1e-13)
 
 
+@pytest.mark.parametrize("time_major", [False, True])
+def test_stacked_variational_dropout_shares_one_mask_over_time(time_major):
+  """Layer 2 sees layer 1's outputs times one [B, 1, H] mask (Gal & Ghahramani)."""
+  layer_cells, params, xs = _stack_problem(layers=2)
+  if time_major:
+    xs = jnp.swapaxes(xs, 0, 1)
+  key = jax.random.key(3)
+  _, ys = seqjax.stacked(layer_cells, params, xs, dropout_rate=0.5, variational=True,
+                         dropout_key=key, time_major=time_major)
+  _, y0 = seqjax.scan(layer_cells[0], params[0], xs, time_major=time_major)
+  shape = (1, B, H) if time_major else (B, 1, H)
+  keep = jax.random.bernoulli(jax.random.split(key, 2)[0], 0.5, shape)
+  assert 0 < int(keep.sum()) < keep.size          # the mask drops some units, not all
+  expected = seqjax.scan(layer_cells[1], params[1], jnp.where(keep, y0 / 0.5, 0.0),
+                         time_major=time_major)[1]
+  np.testing.assert_allclose(ys, expected, rtol=1e-13)
+  # Per element instead, the same key gives another network.
+  per_element = seqjax.stacked(layer_cells, params, xs, dropout_rate=0.5, dropout_key=key,
+                               time_major=time_major)[1]
+  assert not np.allclose(per_element, ys)
+
+
+def test_stacked_weight_drop_masks_the_recurrent_matrices():
+  layer_cells, params, xs = _stack_problem(layers=2)
+  key, rate = jax.random.key(8), 0.4
+  run = lambda p, **kw: seqjax.stacked(layer_cells, p, xs, weight_drop=rate, **kw)[1]
+  np.testing.assert_array_equal(run(params), seqjax.stacked(layer_cells, params, xs)[1])
+  dropped = run(params, dropout_key=key)
+  # Each layer runs with w_h * mask / (1 - rate), one mask for every row and step.
+  keys = jax.random.split(jax.random.fold_in(key, 1), 2)
+  masked = []
+  for k, cell, p in zip(keys, layer_cells, params):
+    keep = jax.random.bernoulli(k, 1 - rate, p["w_h"].shape)
+    masked.append(dict(p, w_h=jnp.where(keep, p["w_h"] / (1 - rate), 0.0)))
+  y = xs
+  for cell, p in zip(layer_cells, masked):
+    y = seqjax.scan(cell, p, y)[1]
+  np.testing.assert_allclose(dropped, y, rtol=1e-13)
+  # The dropped weights get no gradient; the others do; w_x is never dropped.
+  grads = jax.grad(lambda p: jnp.sum(run(p, dropout_key=key) ** 2))(params)
+  keep0 = jax.random.bernoulli(keys[0], 1 - rate, params[0]["w_h"].shape)
+  assert np.all(np.asarray(grads[0]["w_h"])[~np.asarray(keep0)] == 0)
+  assert np.all(np.asarray(grads[0]["w_h"])[np.asarray(keep0)] != 0)
+  assert np.all(np.asarray(grads[0]["w_x"]) != 0)
+  # Output dropout keeps its masks when weight drop is added.
+  both = run(params, dropout_key=key, dropout_rate=0.5)
+  only_output = seqjax.stacked(layer_cells, masked, xs, dropout_rate=0.5, dropout_key=key)[1]
+  np.testing.assert_allclose(both, only_output, rtol=1e-13)
+
+
+def test_weight_drop_needs_a_recurrent_matrix():
+  cell = cells.MinGRU(H)
+  params = [cell.init(jax.random.key(0), D)]
+  with pytest.raises(ValueError, match="weight_drop needs cells with a recurrent matrix "
+                                       "w_h; MinGRU has none"):
+    seqjax.stacked([cell], params, jnp.ones((B, T, D)), weight_drop=0.5,
+                   dropout_key=jax.random.key(1))
+
+
 @pytest.mark.parametrize("driver", ["scan", "unroll", "associative"])
 def test_jit_equals_eager(driver):
   cell = CELLS["mingru"] if driver == "associative" else CELLS["lstm"]
@@ -515,6 +574,8 @@ def _error_cases():
           residual=True), r"residual layer 1 needs equal input and output sizes, got input 4 and output 2"),
       "dropout_rate": (lambda: seqjax.stacked([lstm], [params], xs, dropout_rate=1.0),
                        r"dropout_rate must be in \[0, 1\), got 1.0"),
+      "weight_drop": (lambda: seqjax.stacked([lstm], [params], xs, weight_drop=-0.1),
+                      r"weight_drop must be in \[0, 1\), got -0.1"),
       "not_a_cell": (lambda: seqjax.scan(lambda c, x: (c, x), params, xs),
                      r"cell must be a seqjax cell"),
   }

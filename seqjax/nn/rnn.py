@@ -130,6 +130,9 @@ class StackedRNN(nn.Module):
     residual: add each layer's input to its output, after the first layer.
     dropout_rate: dropout on every layer's outputs but the last's, drawn from
       the ``"dropout"`` RNG stream when ``deterministic=False``.
+    variational: one dropout mask per sequence, shared over time steps.
+    weight_drop: DropConnect rate on every layer's recurrent matrix ``w_h``
+      (also from the ``"dropout"`` stream, also only when not deterministic).
     reverse: unidirectional layers run backwards within lengths.
     (the rest as in :class:`RNN`)
 
@@ -154,6 +157,8 @@ class StackedRNN(nn.Module):
   merge: str = "concat"
   residual: bool = False
   dropout_rate: float = 0.0
+  variational: bool = False
+  weight_drop: float = 0.0
   method: str = "scan"
   reverse: bool = False
   unroll: int = 1
@@ -173,10 +178,11 @@ class StackedRNN(nn.Module):
         init = functools.partial(cell.init, input_size=size, dtype=self.param_dtype)
         size = cell.hidden_size
       params.append(self.param(f"layer_{layer}", init))
-    use_dropout = not deterministic and self.dropout_rate > 0.0
+    use_dropout = not deterministic and (self.dropout_rate > 0.0 or self.weight_drop > 0.0)
     return recurrence.stacked(
         self.cells, params, xs, carry, bidirectional=self.bidirectional,
         merge=self.merge, residual=self.residual, dropout_rate=self.dropout_rate,
+        variational=self.variational, weight_drop=self.weight_drop,
         dropout_key=self.make_rng("dropout") if use_dropout else None,
         method=self.method, lengths=lengths, mask=mask, resets=resets,
         reverse=self.reverse, unroll=self.unroll, time_major=self.time_major)
