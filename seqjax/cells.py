@@ -19,6 +19,13 @@ imports only JAX: no Flax, no optax, no I/O.
 Parameter layouts are stable (Orbax checkpoints and :mod:`seqjax.interop` rely
 on them) and are listed by each cell's ``param_shapes``. Gate blocks are
 concatenated along the last axis in the order each cell documents.
+
+Every cell takes ``matmul_dtype``: ``None`` (default) multiplies in the
+parameters' dtype; ``"bfloat16"`` rounds the operands of every matmul (input
+projection, recurrent product, and in the fused backward pass the gradient
+products) to bfloat16 and accumulates in the parameters' dtype, the mixed
+precision of bfloat16 matmul units. Parameters, carries and gate arithmetic
+keep their dtype.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ def _orthogonal_blocks(key, hidden: int, num_blocks: int) -> Array:
   return jnp.concatenate([init(k, (hidden, hidden)) for k in keys], axis=1)
 
 
+_MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
 def _is_positive_int(value) -> bool:
   return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
           and value >= 1)
@@ -63,6 +73,7 @@ class _Cell:
   """Behaviour shared by the cells; each subclass is a frozen dataclass."""
 
   hidden_size: int
+  matmul_dtype: str | None
   num_gates: ClassVar[int] = 1
   # True for cells whose recurrence is h_t = a_t * h_{t-1} + b_t elementwise;
   # only those can run under the associative (parallel) scan.
@@ -75,6 +86,18 @@ class _Cell:
           f"{self.hidden_size!r}")
     # A NumPy integer becomes a Python int, so equal cells hash equal.
     object.__setattr__(self, "hidden_size", int(self.hidden_size))
+    if self.matmul_dtype is not None:  # jnp.bfloat16 and "bfloat16" name one cell
+      try:
+        name = jnp.dtype(self.matmul_dtype).name
+      except TypeError:
+        name = None
+      if name not in _MATMUL_DTYPES:
+        raise ValueError(f"{type(self).__name__}: matmul_dtype must be None or one of "
+                         f"{', '.join(_MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
+      object.__setattr__(self, "matmul_dtype", name)
+
+  def _matmul(self, a: Array, w: Array) -> Array:
+    return fused.matmul(a, w, self.matmul_dtype)
 
   def param_shapes(self, input_size: int) -> dict[str, tuple[int, ...]]:
     """The parameter layout: name -> shape, for inputs of size ``input_size``."""
@@ -112,7 +135,7 @@ class _Cell:
 
   def project(self, params: Params, xs: Array) -> Array:
     """Input-to-hidden projection of all steps: [..., D] -> [..., G*H]."""
-    return xs @ params["w_x"] + params["b"]
+    return self._matmul(xs, params["w_x"]) + params["b"]
 
   # A cell may run a whole sequence in one fused function (with its own
   # backward pass); the scan driver then calls it instead of ``step``:
@@ -132,6 +155,7 @@ class Elman(_Cell):
   Args:
     hidden_size: H.
     activation: ``"tanh"`` (default) or ``"relu"``.
+    matmul_dtype: see the module docstring.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -145,6 +169,7 @@ class Elman(_Cell):
 
   hidden_size: int
   activation: str = "tanh"
+  matmul_dtype: str | None = None
 
   def __post_init__(self):
     super().__post_init__()
@@ -155,7 +180,7 @@ class Elman(_Cell):
 
   def step(self, params: Params, carry: Array, xp_t: Array) -> tuple[Array, Array]:
     """One step on a projected input ``xp_t [*batch, H]``."""
-    h = _ACTIVATIONS[self.activation](xp_t + carry @ params["w_h"])
+    h = _ACTIVATIONS[self.activation](xp_t + self._matmul(carry, params["w_h"]))
     return h, h
 
 
@@ -174,6 +199,7 @@ class LSTM(_Cell):
   Args:
     hidden_size: H.
     forget_bias: initial value of the forget-gate block of ``b``.
+    matmul_dtype: see the module docstring.
 
   Notes:
     The forget bias is an initial value of ``b``, not a constant added at each
@@ -195,6 +221,7 @@ class LSTM(_Cell):
 
   hidden_size: int
   forget_bias: float = 1.0
+  matmul_dtype: str | None = None
   num_gates: ClassVar[int] = 4
 
   def init(self, key, input_size, dtype=jnp.float32):
@@ -210,7 +237,7 @@ class LSTM(_Cell):
   def step(self, params: Params, carry: LSTMCarry,
            xp_t: Array) -> tuple[LSTMCarry, Array]:
     """One step on a projected input ``xp_t [*batch, 4H]``."""
-    z = xp_t + carry.h @ params["w_h"]  # [*batch, 4H]
+    z = xp_t + self._matmul(carry.h, params["w_h"])  # [*batch, 4H]
     i, f, g, o = jnp.split(z, 4, axis=-1)
     c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -218,7 +245,8 @@ class LSTM(_Cell):
 
   def fused_scan(self, params: Params, xs: Array, carry: LSTMCarry, valid, resets):
     """The whole sequence with a hand-written backward pass (:mod:`seqjax.fused`)."""
-    h, c, ys = fused.lstm_scan(params, xs, carry.h, carry.c, valid, resets)
+    h, c, ys = fused.lstm_scan(params, xs, carry.h, carry.c, valid, resets,
+                               self.matmul_dtype)
     return LSTMCarry(h=h, c=c), ys
 
 
@@ -254,6 +282,7 @@ class GRU(_Cell):
 
   hidden_size: int
   reset_after: bool = True
+  matmul_dtype: str | None = None
   num_gates: ClassVar[int] = 3
 
   def param_shapes(self, input_size):
@@ -274,15 +303,15 @@ class GRU(_Cell):
     x_r, x_z, x_n = jnp.split(xp_t, 3, axis=-1)
     w_h = params["w_h"]
     if self.reset_after:
-      h_r, h_z, h_n = jnp.split(carry @ w_h, 3, axis=-1)
+      h_r, h_z, h_n = jnp.split(self._matmul(carry, w_h), 3, axis=-1)
       r = jax.nn.sigmoid(x_r + h_r)
       z = jax.nn.sigmoid(x_z + h_z)
       n = jnp.tanh(x_n + r * (h_n + params["b_hn"]))
     else:
-      h_r, h_z = jnp.split(carry @ w_h[:, :2 * hsz], 2, axis=-1)
+      h_r, h_z = jnp.split(self._matmul(carry, w_h[:, :2 * hsz]), 2, axis=-1)
       r = jax.nn.sigmoid(x_r + h_r)
       z = jax.nn.sigmoid(x_z + h_z)
-      n = jnp.tanh(x_n + (r * carry) @ w_h[:, 2 * hsz:])
+      n = jnp.tanh(x_n + self._matmul(r * carry, w_h[:, 2 * hsz:]))
     h = (1.0 - z) * n + z * carry
     return h, h
 
@@ -292,7 +321,7 @@ class GRU(_Cell):
     if not self.reset_after:
       return None
     def scan(params, xs, carry, valid, resets):
-      return fused.gru_scan(params, xs, carry, valid, resets)
+      return fused.gru_scan(params, xs, carry, valid, resets, self.matmul_dtype)
     return scan
 
 
@@ -319,6 +348,7 @@ class MinGRU(_Cell):
   """
 
   hidden_size: int
+  matmul_dtype: str | None = None
   num_gates: ClassVar[int] = 2
   is_linear: ClassVar[bool] = True
 

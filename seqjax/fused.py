@@ -22,6 +22,10 @@ returns to zeros before the step). Everything here is time-major: [T, B, ...].
 The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
 
+``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
+and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
+dtype; the gate arithmetic and the carry stay in the parameters' dtype.
+
 Notes:
   Being ``jax.custom_vjp`` functions, they support reverse mode (``grad``,
   ``vjp``, ``jacrev``, reverse-over-reverse) but not forward mode: ``jax.jvp``
@@ -31,8 +35,28 @@ Notes:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+
+def matmul(a, w, dtype=None, out_dtype=None):
+  """``a @ w``; with ``dtype`` the operands are rounded to it first.
+
+  The products accumulate in ``out_dtype`` (default: the dtype ``a @ w``
+  would have), as bfloat16 matmul units do with float32 accumulators.
+  """
+  if dtype is None:
+    return a @ w
+  out_dtype = out_dtype or jnp.result_type(a, w)
+  return jnp.matmul(a.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
+
+
+def _einsum(spec, a, b, dtype, out_dtype):
+  if dtype is None:
+    return jnp.einsum(spec, a, b)
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype)
 
 
 def _gates(z, hidden):
@@ -43,9 +67,13 @@ def _gates(z, hidden):
   return i, f, g, o
 
 
-def _forward(params, xs, h0, c0, valid, resets, save: bool):
+def _forward(params, xs, h0, c0, valid, resets, save: bool, matmul_dtype):
   w_x, w_h, b = params["w_x"], params["w_h"], params["b"]
   hidden = w_h.shape[0]
+  out = jnp.result_type(xs, w_x, w_h, b, h0)
+  if matmul_dtype is not None:  # rounded once, outside the loop
+    w_x, w_h = w_x.astype(matmul_dtype), w_h.astype(matmul_dtype)
+  mm = lambda a, w: matmul(a, w, matmul_dtype, out)
 
   def step(carry, inputs):
     h, c = carry
@@ -53,7 +81,7 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool):
     if r_t is not None:
       r = r_t[:, None]
       h, c = jnp.where(r, jnp.zeros_like(h), h), jnp.where(r, jnp.zeros_like(c), c)
-    z = x_t @ w_x + b + h @ w_h  # [B, 4H]
+    z = mm(x_t, w_x) + b + mm(h, w_h)  # [B, 4H]
     i, f, g, o = _gates(z, hidden)
     c_new = f * c + i * g
     tc = jnp.tanh(c_new)
@@ -76,8 +104,8 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool):
   return (h, c, ys), saved
 
 
-@jax.custom_vjp
-def lstm_scan(params, xs, h0, c0, valid, resets):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
   """``(h_T, c_T, ys)`` of an LSTM over time-major ``xs [T, B, D]``.
 
   Args:
@@ -86,21 +114,23 @@ def lstm_scan(params, xs, h0, c0, valid, resets):
     h0, c0: [B, H] initial carry.
     valid: [T, B] bool or ``None``: where False the carry holds and y is 0.
     resets: [T, B] bool or ``None``: the carry returns to zeros before the step.
+    matmul_dtype: ``None``, or the dtype matmul operands are rounded to.
   """
-  return _forward(params, xs, h0, c0, valid, resets, save=False)[0]
+  return _forward(params, xs, h0, c0, valid, resets, False, matmul_dtype)[0]
 
 
-def _lstm_fwd(params, xs, h0, c0, valid, resets):
-  out, saved = _forward(params, xs, h0, c0, valid, resets, save=True)
+def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype):
+  out, saved = _forward(params, xs, h0, c0, valid, resets, True, matmul_dtype)
   return out, (params, xs, valid, resets, saved)
 
 
-def _lstm_bwd(residuals, cotangents):
+def _lstm_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, ps, ks, fs) = residuals
   dh_t, dc_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
+  out = ps.dtype
   hidden = w_h.shape[0]
-  w_h_t = w_h.T
+  w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
   # Gate blocks i, f, g take dct as their multiplier, block o takes dh.
   o_block = (jnp.arange(4 * hidden) >= 3 * hidden)[None, :]  # [1, 4H]
 
@@ -114,7 +144,7 @@ def _lstm_bwd(residuals, cotangents):
       dc_step = jnp.where(v, dc, jnp.zeros_like(dc))
     dct = dc_step + dh_step * k
     dz = p * jnp.where(o_block, jnp.tile(dh_step, 4), jnp.tile(dct, 4))  # [B, 4H]
-    dh_in = dz @ w_h_t
+    dh_in = matmul(dz, w_h_t, matmul_dtype, out)
     dc_in = dct * f
     if v_t is not None:
       dh_in = jnp.where(v, dh_in, dh)
@@ -128,10 +158,10 @@ def _lstm_bwd(residuals, cotangents):
   (dh0, dc0), dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets),
                                 reverse=True)  # dz [T, B, 4H]
   # The weight and input gradients: one large matmul each, over every step.
-  grads = {"w_x": jnp.einsum("tbd,tbg->dg", xs, dz),
-           "w_h": jnp.einsum("tbh,tbg->hg", hs, dz),
+  grads = {"w_x": _einsum("tbd,tbg->dg", xs, dz, matmul_dtype, w_x.dtype),
+           "w_h": _einsum("tbh,tbg->hg", hs, dz, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dz, axis=(0, 1))}
-  dxs = dz @ w_x.T
+  dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
   return grads, dxs, dh0, dc0, None, None
 
 
@@ -146,16 +176,20 @@ lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
 # loop from multipliers saved by the forward pass, all steps at once.
 
 
-def _gru_forward(params, xs, h0, valid, resets, save: bool):
+def _gru_forward(params, xs, h0, valid, resets, save: bool, matmul_dtype):
   w_x, w_h, b, b_hn = params["w_x"], params["w_h"], params["b"], params["b_hn"]
   hidden = w_h.shape[0]
+  out = jnp.result_type(xs, w_x, w_h, b, h0)
+  if matmul_dtype is not None:  # rounded once, outside the loop
+    w_x, w_h = w_x.astype(matmul_dtype), w_h.astype(matmul_dtype)
+  mm = lambda a, w: matmul(a, w, matmul_dtype, out)
 
   def step(h, inputs):
     x_t, v_t, r_t = inputs
     if r_t is not None:
       h = jnp.where(r_t[:, None], jnp.zeros_like(h), h)
-    xp = x_t @ w_x + b  # [B, 3H]
-    hw = h @ w_h  # [B, 3H]
+    xp = mm(x_t, w_x) + b  # [B, 3H]
+    hw = mm(h, w_h)  # [B, 3H]
     r = jax.nn.sigmoid(xp[:, :hidden] + hw[:, :hidden])
     z = jax.nn.sigmoid(xp[:, hidden:2 * hidden] + hw[:, hidden:2 * hidden])
     hn = hw[:, 2 * hidden:] + b_hn
@@ -180,34 +214,36 @@ def _gru_forward(params, xs, h0, valid, resets, save: bool):
   return (h, ys), saved
 
 
-@jax.custom_vjp
-def gru_scan(params, xs, h0, valid, resets):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gru_scan(params, xs, h0, valid, resets, matmul_dtype):
   """``(h_T, ys)`` of a reset-after GRU over time-major ``xs [T, B, D]``.
 
   Args:
     params: ``{"w_x": [D, 3H], "w_h": [H, 3H], "b": [3H], "b_hn": [H]}``.
-    xs, h0, valid, resets: as for :func:`lstm_scan` (``h0`` is the carry).
+    xs, h0, valid, resets, matmul_dtype: as for :func:`lstm_scan` (``h0`` is
+      the carry).
   """
-  return _gru_forward(params, xs, h0, valid, resets, save=False)[0]
+  return _gru_forward(params, xs, h0, valid, resets, False, matmul_dtype)[0]
 
 
-def _gru_fwd(params, xs, h0, valid, resets):
-  out, saved = _gru_forward(params, xs, h0, valid, resets, save=True)
+def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype):
+  out, saved = _gru_forward(params, xs, h0, valid, resets, True, matmul_dtype)
   return out, (params, xs, valid, resets, saved)
 
 
-def _gru_bwd(residuals, cotangents):
+def _gru_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, px, ph, zs) = residuals
   dh_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
-  w_h_t = w_h.T
+  out = px.dtype
+  w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
 
   def step(dh, inputs):
     dy, p_h, z, v_t, r_t = inputs
     dh_step = dh + dy
     if v_t is not None:
       dh_step = jnp.where(v_t[:, None], dh_step, jnp.zeros_like(dh))
-    dh_in = (jnp.tile(dh_step, 3) * p_h) @ w_h_t + dh_step * z
+    dh_in = matmul(jnp.tile(dh_step, 3) * p_h, w_h_t, matmul_dtype, out) + dh_step * z
     if v_t is not None:
       dh_in = jnp.where(v_t[:, None], dh_in, dh)
     if r_t is not None:
@@ -218,11 +254,11 @@ def _gru_bwd(residuals, cotangents):
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]
-  grads = {"w_x": jnp.einsum("tbd,tbg->dg", xs, dxp),
-           "w_h": jnp.einsum("tbh,tbg->hg", hs, dhw),
+  grads = {"w_x": _einsum("tbd,tbg->dg", xs, dxp, matmul_dtype, w_x.dtype),
+           "w_h": _einsum("tbh,tbg->hg", hs, dhw, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dxp, axis=(0, 1)),
            "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
-  return grads, dxp @ w_x.T, dh0, None, None
+  return grads, matmul(dxp, w_x.T, matmul_dtype, xs.dtype), dh0, None, None
 
 
 gru_scan.defvjp(_gru_fwd, _gru_bwd)

@@ -84,3 +84,43 @@ def test_forward_mode_needs_the_step_path():
   # <J v, J v> computed both ways: forward mode on the step path, reverse on the fused.
   (jt_jv,) = vjp(tangent)
   np.testing.assert_allclose(jnp.vdot(tangent, tangent), jnp.vdot(jt_jv, xs), rtol=1e-10)
+
+
+@pytest.mark.parametrize("make", [cells.LSTM, cells.GRU, cells.Elman, cells.MinGRU,
+                                  lambda h, **kw: cells.GRU(h, reset_after=False, **kw)],
+                         ids=["lstm", "gru", "elman", "mingru", "gru_cho"])
+def test_bfloat16_matmuls_stay_close_to_float32_on_every_path(make):
+  """``matmul_dtype="bfloat16"``: float32 params, carry and outputs; bf16 dot operands."""
+  exact, rounded = make(16), make(16, matmul_dtype="bfloat16")
+  params = exact.init(jax.random.key(0), 8)
+  xs = jax.random.normal(jax.random.key(1), (4, 40, 8), jnp.float32)
+  lengths = np.array([40, 31, 7, 0])
+
+  def loss(cell, unroll):
+    return lambda p, x: jnp.sum(jnp.sin(seqjax.scan(cell, p, x, unroll=unroll,
+                                                    lengths=lengths)[1]))
+
+  reference = jax.value_and_grad(loss(exact, 2), argnums=(0, 1))(params, xs)
+  fused = jax.value_and_grad(loss(rounded, 1), argnums=(0, 1))(params, xs)
+  stepped = jax.value_and_grad(loss(rounded, 2), argnums=(0, 1))(params, xs)
+  for result in (fused, stepped):
+    np.testing.assert_allclose(result[0], reference[0], rtol=1e-2)
+    for got, want in zip(jax.tree.leaves(result[1]), jax.tree.leaves(reference[1])):
+      assert got.dtype == jnp.float32
+      assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
+  # Both bf16 paths round the same forward products.
+  np.testing.assert_allclose(fused[0], stepped[0], rtol=1e-6)
+  # The products really are bf16, forward and (fused) backward.
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(rounded, 1)))(params, xs))
+  assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
+  assert "bf16" not in str(jax.make_jaxpr(jax.grad(loss(exact, 1)))(params, xs))
+
+
+def test_matmul_dtype_names_one_cell_and_is_checked():
+  assert cells.LSTM(4, matmul_dtype=jnp.bfloat16) == cells.LSTM(4, matmul_dtype="bfloat16")
+  assert hash(cells.GRU(4, matmul_dtype=jnp.bfloat16)) == hash(
+      cells.GRU(4, matmul_dtype="bfloat16"))
+  assert cells.LSTM(4, matmul_dtype="bfloat16").matmul_dtype == "bfloat16"
+  for bad in ("int8", "bfloat17", 3):
+    with pytest.raises(ValueError, match="matmul_dtype must be None or one of bfloat16"):
+      cells.LSTM(4, matmul_dtype=bad)
