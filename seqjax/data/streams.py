@@ -1,4 +1,4 @@
-"""Truncated backpropagation through time over long streams.
+"""Long streams in windows, for truncated backpropagation through time.
 
 A corpus or an audio file is too long to backpropagate through in one piece.
 :class:`StreamBatcher` lays the streams end to end, gives each of the B batch
@@ -69,6 +69,8 @@ class StreamBatcher:
     shard: ``(index, count)``: this process feeds rows ``index`` of ``count``
       equal parts of every batch (default ``(0, 1)``, all rows).
     seed: draws each epoch's offset.
+    eval_only: the streams are only evaluated (:meth:`eval_batches`), so
+      they may be shorter than one training batch.
 
   Example:
     >>> import numpy as np
@@ -81,7 +83,7 @@ class StreamBatcher:
   """
 
   def __init__(self, tokens, starts=None, *, batch_size: int, window: int,
-               shard: tuple[int, int] = (0, 1), seed: int = 0):
+               shard: tuple[int, int] = (0, 1), seed: int = 0, eval_only: bool = False):
     self.tokens, self.starts = _as_streams(tokens, starts)
     if window < 1 or batch_size < 1:
       raise ValueError(f"window and batch_size must be >= 1, got {window} and {batch_size}")
@@ -93,7 +95,9 @@ class StreamBatcher:
     self.rows = slice(index * per, (index + 1) * per)
     # Room for the largest offset (k - 1) and the one-token shift of the targets.
     self.windows_per_epoch = (len(self.tokens) - window) // (batch_size * window)
-    if self.windows_per_epoch < 1:
+    if len(self.tokens) < 2:
+      raise ValueError(f"streams of {len(self.tokens)} tokens have nothing to predict")
+    if self.windows_per_epoch < 1 and not eval_only:
       raise ValueError(f"{len(self.tokens)} tokens are too few for {batch_size} rows of "
                        f"windows of {window} (need at least {(batch_size + 1) * window})")
     self.row_length = self.windows_per_epoch * window
@@ -115,6 +119,8 @@ class StreamBatcher:
 
   def batch(self, index: int) -> dict:
     """Training batch ``index`` (this process's rows)."""
+    if self.windows_per_epoch < 1:
+      raise ValueError("these streams are for evaluation only (eval_only=True)")
     epoch, w = divmod(int(index), self.windows_per_epoch)
     rows = np.arange(self.batch_size)[self.rows]
     firsts = self._offset(epoch) + rows * self.row_length + w * self.window

@@ -52,6 +52,8 @@ class SyntheticSource:
   """
 
   stateful = False
+  eval_splits = ("validation",)
+  info: dict = {}
 
   def __init__(self, make, *, batch_size: int, eval_batch_size: int, eval_batches: int,
                shard: tuple[int, int] = (0, 1), seed: int = 0):
@@ -68,7 +70,9 @@ class SyntheticSource:
   def batch(self, index: int) -> dict:
     return self._draw(_TRAIN, index, self.batch_size)
 
-  def eval_batches(self) -> Iterator[dict]:
+  def eval_batches(self, split: str = "validation") -> Iterator[dict]:
+    if split not in self.eval_splits:
+      raise ValueError(f"unknown split {split!r}; expected one of {', '.join(self.eval_splits)}")
     for i in range(self.num_eval_batches):
       yield self._draw(_EVAL, i, self.eval_batch_size)
 

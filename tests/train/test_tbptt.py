@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seqjax.models import classifier
-from seqjax.train import tbptt
+from seqjax.data import streams
 
 
 def _streams(seed=0, vocab=11):
@@ -16,8 +16,8 @@ def _streams(seed=0, vocab=11):
 
 
 def test_rows_continue_their_streams_across_batches():
-  tokens, starts = tbptt.concatenate(_streams())
-  batcher = tbptt.StreamBatcher(tokens, starts, batch_size=3, window=7, seed=1)
+  tokens, starts = streams.concatenate(_streams())
+  batcher = streams.StreamBatcher(tokens, starts, batch_size=3, window=7, seed=1)
   previous = None
   for i in range(batcher.windows_per_epoch):
     batch = batcher.batch(i)
@@ -30,9 +30,9 @@ def test_rows_continue_their_streams_across_batches():
 
 
 def test_resets_and_weights_mark_stream_boundaries():
-  streams = [np.full(n, k + 1) for k, n in enumerate((9, 12, 7, 30))]  # stream k holds k+1
-  tokens, starts = tbptt.concatenate(streams)
-  batcher = tbptt.StreamBatcher(tokens, starts, batch_size=2, window=4, seed=0)
+  parts = [np.full(n, k + 1) for k, n in enumerate((9, 12, 7, 30))]  # stream k holds k+1
+  tokens, starts = streams.concatenate(parts)
+  batcher = streams.StreamBatcher(tokens, starts, batch_size=2, window=4, seed=0)
   for i in range(batcher.windows_per_epoch):
     b = batcher.batch(i)
     changes = b["inputs"][:, 1:] != b["inputs"][:, :-1]          # a new stream begins
@@ -41,9 +41,9 @@ def test_resets_and_weights_mark_stream_boundaries():
 
 
 def test_batches_are_a_pure_function_of_the_index_and_shards_partition_rows():
-  tokens, starts = tbptt.concatenate(_streams())
-  whole = tbptt.StreamBatcher(tokens, starts, batch_size=4, window=5, seed=3)
-  halves = [tbptt.StreamBatcher(tokens, starts, batch_size=4, window=5, seed=3,
+  tokens, starts = streams.concatenate(_streams())
+  whole = streams.StreamBatcher(tokens, starts, batch_size=4, window=5, seed=3)
+  halves = [streams.StreamBatcher(tokens, starts, batch_size=4, window=5, seed=3,
                                 shard=(p, 2)) for p in range(2)]
   for i in (0, 3, whole.windows_per_epoch + 2):   # the second epoch too
     joined = {k: np.concatenate([h.batch(i)[k] for h in halves]) for k in whole.batch(i)}
@@ -51,20 +51,20 @@ def test_batches_are_a_pure_function_of_the_index_and_shards_partition_rows():
       np.testing.assert_array_equal(value, joined[key])
       np.testing.assert_array_equal(value, whole.batch(i)[key])
   with pytest.raises(ValueError, match="does not split into 3 processes"):
-    tbptt.StreamBatcher(tokens, starts, batch_size=4, window=5, shard=(0, 3))
+    streams.StreamBatcher(tokens, starts, batch_size=4, window=5, shard=(0, 3))
 
 
 def test_epochs_shift_the_windows():
-  tokens, starts = tbptt.concatenate(_streams())
-  batcher = tbptt.StreamBatcher(tokens, starts, batch_size=2, window=8, seed=0)
+  tokens, starts = streams.concatenate(_streams())
+  batcher = streams.StreamBatcher(tokens, starts, batch_size=2, window=8, seed=0)
   firsts = {int(batcher.batch(e * batcher.windows_per_epoch)["inputs"][0, 0])
             for e in range(12)}
   assert len(firsts) > 1
 
 
 def test_eval_counts_every_target_once():
-  tokens, starts = tbptt.concatenate(_streams())
-  batcher = tbptt.StreamBatcher(tokens, starts, batch_size=3, window=7)
+  tokens, starts = streams.concatenate(_streams())
+  batcher = streams.StreamBatcher(tokens, starts, batch_size=3, window=7)
   pairs = []
   for b in batcher.eval_batches():
     keep = b["weights"] > 0
@@ -75,11 +75,11 @@ def test_eval_counts_every_target_once():
 
 def test_too_short_and_malformed_streams_raise():
   with pytest.raises(ValueError, match="too few"):
-    tbptt.StreamBatcher(np.arange(20), batch_size=4, window=5)
+    streams.StreamBatcher(np.arange(20), batch_size=4, window=5)
   with pytest.raises(ValueError, match="1-D integer"):
-    tbptt.StreamBatcher(np.zeros((4, 5), int), batch_size=1, window=1)
+    streams.StreamBatcher(np.zeros((4, 5), int), batch_size=1, window=1)
   with pytest.raises(ValueError, match="no non-empty streams"):
-    tbptt.concatenate([[], []])
+    streams.concatenate([[], []])
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -89,8 +89,8 @@ def test_window_carry_equals_one_long_unroll(cell):
   config.update(dict(cell=cell, hidden_size=16, num_layers=2, vocab_size=11,
                      output_size=11, head="every"))
   model = classifier.create(config)
-  tokens, starts = tbptt.concatenate(_streams())
-  batcher = tbptt.StreamBatcher(tokens, starts, batch_size=2, window=6)
+  tokens, starts = streams.concatenate(_streams())
+  batcher = streams.StreamBatcher(tokens, starts, batch_size=2, window=6)
   windows = [batcher.batch(i) for i in range(batcher.windows_per_epoch)]
   whole = {k: np.concatenate([w[k] for w in windows], axis=1) for k in windows[0]}
   variables = model.init(jax.random.PRNGKey(0), windows[0], None)
