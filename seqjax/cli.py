@@ -2,7 +2,9 @@
 
     seqjax list
     seqjax train EXPERIMENT --workdir DIR [--config.KEY=VALUE ...] [--quick]
-    seqjax eval --workdir DIR [--checkpoint latest|best | --step N]
+    seqjax eval --workdir DIR [--checkpoint latest|best | --step N] [--split NAME]
+    seqjax sample --workdir DIR [--prompt TEXT] [--length N] [--temperature T]
+                  [--top-k K | --top-p P] [--num-samples N] [--seed S]
 
 EXPERIMENT is a file name in ``experiments/`` (``parity``) or a path to an
 experiment file. An experiment file defines ``get_config(quick=False)``
@@ -15,8 +17,9 @@ Multi-process launches (one process per host) add ``--coordinator-address``,
 ``--distributed`` to let JAX detect the cluster (TPU pods, SLURM).
 
 Mistakes a user can fix (unknown experiment, config key or value, optimiser
-name, an unusable workdir) end with one line on stderr and exit status 2; a
-diverged run exits with 1. ``SEQJAX_DEBUG=1`` shows the full traceback instead.
+name, an unusable workdir, data that cannot be found, prompt characters outside
+the vocabulary) end with one line on stderr and exit status 2; a diverged run
+exits with 1. ``SEQJAX_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -159,12 +162,30 @@ def _parser() -> argparse.ArgumentParser:
   group.add_argument("--distributed", action="store_true",
                      help="let JAX detect the cluster (TPU pods, SLURM)")
 
-  evaluate = commands.add_parser("eval", help="evaluate a trained run")
-  evaluate.add_argument("--workdir", required=True)
-  which = evaluate.add_mutually_exclusive_group()
+  evaluate = commands.add_parser("eval", help="evaluate a trained run on its data's splits")
+  _checkpoint_arguments(evaluate)
+  evaluate.add_argument("--split", action="append",
+                        help="only this split (repeatable; default: every split)")
+
+  sample = commands.add_parser("sample", help="generate text from a trained char-LM")
+  _checkpoint_arguments(sample)
+  sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+  sample.add_argument("--length", type=int, default=500, help="characters to generate")
+  sample.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  nucleus = sample.add_mutually_exclusive_group()
+  nucleus.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest")
+  nucleus.add_argument("--top-p", type=float, default=1.0,
+                       help="sample within the smallest set holding this probability")
+  sample.add_argument("--num-samples", type=int, default=1)
+  sample.add_argument("--seed", type=int, default=0)
+  return parser
+
+
+def _checkpoint_arguments(parser) -> None:
+  parser.add_argument("--workdir", required=True, help="a training run's workdir")
+  which = parser.add_mutually_exclusive_group()
   which.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
   which.add_argument("--step", type=int)
-  return parser
 
 
 def _split_overrides(argv):
@@ -207,8 +228,37 @@ def run(argv) -> int:
     result = loop.train_and_evaluate(config, workdir)
     print(json.dumps(result))
     return 0
-  result = loop.evaluate(args.workdir, step=args.step, checkpoint=args.checkpoint)
-  print(json.dumps(result))
+  if args.command == "eval":
+    result = loop.evaluate(args.workdir, step=args.step, checkpoint=args.checkpoint,
+                           splits=args.split)
+    print(json.dumps(result))
+    return 0
+  return _sample(args, loop)
+
+
+def _sample(args, loop) -> int:
+  """Streams one sample as it is generated; several are printed one after another."""
+  shown = []
+
+  def write(piece: str) -> None:
+    if not shown:  # the prompt, once the model has accepted it
+      sys.stdout.write(args.prompt)
+      shown.append(True)
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+  streaming = args.num_samples == 1
+  texts = loop.sample(args.workdir, prompt=args.prompt, length=args.length,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      num_samples=args.num_samples, seed=args.seed, step=args.step,
+                      checkpoint=args.checkpoint,
+                      write=write if streaming else None,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+  if streaming:
+    write("\n")
+  else:
+    for i, text in enumerate(texts):
+      print(f"--- sample {i} ---\n{args.prompt}{text}", flush=True)
   return 0
 
 

@@ -1,13 +1,20 @@
 """The model zoo. Every model module has the same surface, so the training
 loop never special-cases a model:
 
-- ``create(config) -> flax.linen.Module``; the module is called as
-  ``module.apply(variables, batch, carry, train=bool) -> (carry, outputs)``,
-  where ``batch`` is a dict of arrays from a data source and ``carry`` the
-  recurrent state to start from (``None``: zeros).
-- ``loss(config, outputs, batch) -> (total, weight, metrics)``: the loss summed
-  over what counts, how much counts, and a dict of ``(sum, weight)`` pairs to
-  report (see :mod:`seqjax.train.losses`).
+- ``create(config, info) -> flax.linen.Module``, where ``info`` is the data
+  source's ``info`` dict (a text source's vocabulary, say); the module is
+  called as ``module.apply(variables, batch, carry, train=bool) -> (carry,
+  outputs)``, where ``batch`` is a dict of arrays from a data source and
+  ``carry`` the recurrent state to start from (``None``: zeros).
+- ``loss(config, outputs, batch) -> (total, weight, metrics)``: the training
+  objective summed over what counts, how much counts, and a dict of ``(sum,
+  weight)`` pairs to report (see :mod:`seqjax.losses`); ``metrics["loss"]`` is
+  the quantity a run watches for divergence.
+
+A model that generates tokens also has ``decode_step(module) -> step(params,
+carry, tokens [B, P]) -> (carry, logits [B, V])`` (read P tokens, give the
+next one's logits) and ``vocabulary(info)``; ``seqjax sample`` needs both (see
+:mod:`seqjax.decoding`).
 
 Adding a model is adding a module and a line in :data:`MODELS`.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import importlib
 
 MODELS = {
+    "charlm": "seqjax.models.charlm",
     "classifier": "seqjax.models.classifier",
 }
 

@@ -69,8 +69,9 @@ class Classifier(nn.Module):
     return carry, (outputs[..., 0] if self.squeeze else outputs)
 
 
-def create(config) -> Classifier:
-  """The model a ``model`` config describes.
+def create(config, info=None) -> Classifier:
+  """The model a ``model`` config describes (``info`` is not needed: the config
+  gives the vocabulary and output sizes).
 
   Raises:
     ValueError: an unknown cell, head or loss.

@@ -1,9 +1,10 @@
 """Checkpoints with Orbax: the only module that imports it.
 
 A checkpoint directory holds one folder per saved step, written by an Orbax
-``CheckpointManager``. Each step keeps two items: ``state`` (the train state as
-a tree of arrays) and ``config`` (the experiment config as JSON, so ``seqjax
-eval`` can rebuild the model). Nothing is pickled.
+``CheckpointManager``. Each step keeps three items: ``state`` (the train state
+as a tree of arrays), ``config`` (the experiment config as JSON, so ``seqjax
+eval`` can rebuild the model) and ``info`` (the data source's ``info`` as JSON,
+such as a vocabulary, so ``seqjax sample`` needs no data). Nothing is pickled.
 
 - Saves run in the background (async); Orbax writes to a temporary folder and
   renames it when complete, so a kill mid-write leaves the previous checkpoint
@@ -94,7 +95,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=self._options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+                       "config": ocp.JsonCheckpointHandler(),
+                       "info": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -109,8 +111,9 @@ class Checkpointer:
     """The kept step with the best ``best_metric``, or ``None`` if none has it."""
     return self._manager.best_step()
 
-  def save(self, step: int, state, config: dict, metrics: dict | None = None) -> None:
-    """Starts saving ``state`` (a pytree of arrays) and ``config`` at ``step``.
+  def save(self, step: int, state, config: dict, metrics: dict | None = None,
+           info: dict | None = None) -> None:
+    """Starts saving ``state`` (a pytree of arrays), ``config`` and ``info`` at ``step``.
 
     ``metrics`` (evaluation results) rank the checkpoint for ``keep_best``.
     Returns once the arrays are copied to the host; the write continues in the
@@ -120,7 +123,8 @@ class Checkpointer:
       metrics = None  # without the ranking metric it competes only for "newest"
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_host_tree(state)),
-        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+        config=ocp.args.JsonSave(config),
+        info=ocp.args.JsonSave(info or {})), metrics=metrics, force=True)
 
   def wait(self) -> None:
     """Blocks until every background write has finished."""
@@ -161,6 +165,33 @@ class Checkpointer:
       return dict(self._manager.restore(
           s, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
     return self._newest_readable(step, read, "the config")
+
+  def load_info(self, step: int) -> dict:
+    """The data ``info`` saved at ``step`` (``{}`` for checkpoints without one)."""
+    if not (self.path(step) / "info").is_dir():
+      return {}
+    try:
+      return dict(self._manager.restore(
+          step, args=ocp.args.Composite(info=ocp.args.JsonRestore())).info)
+    except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+      raise ValueError(f"cannot read the data info of checkpoint {self.path(step)}: "
+                       f"{_first_line(e)}") from None
+
+  def restore_saved(self, step: int) -> Any:
+    """The state of ``step`` as saved (NumPy arrays), without a target to shape it.
+
+    For reading parts of a state (the parameters, to sample) without building
+    the whole run.
+
+    Raises:
+      ValueError: the checkpoint cannot be read.
+    """
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+      raise ValueError(f"cannot read the state of checkpoint {self.path(step)}: "
+                       f"{_first_line(e)}") from None
 
   def restore(self, target, step: int | None = None) -> tuple[int, Any] | None:
     """``(step, state)`` from the newest readable checkpoint, or ``None`` if none.

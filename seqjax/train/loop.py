@@ -5,9 +5,18 @@ the optimiser a config names, restores the newest checkpoint in ``workdir`` if
 there is one, and trains to ``config.train.steps`` with periodic evaluation and
 checkpoints. What a run leaves in ``workdir``:
 
-- ``checkpoints/<step>/``: Orbax checkpoints (train state + config JSON);
-- ``metrics.jsonl``: one JSON object per logged step and split;
+- ``checkpoints/<step>/``: Orbax checkpoints (train state, config JSON and
+  the data source's info, such as a vocabulary);
+- ``metrics.jsonl``: one JSON object per logged step and split, with
+  ``train_time`` (seconds spent in training steps, compilation included,
+  evaluation and checkpoints not) and ``wall_time`` (seconds of the run); a
+  resumed run continues both from the last record at or before its checkpoint,
+  and its records after that step supersede the earlier process's;
 - ``tensorboard/``: the same metrics as TensorBoard event files.
+
+The first of the source's ``eval_splits`` (validation) is evaluated every
+``train.eval_every`` steps and ranks the checkpoints; at the end of the run
+every split is evaluated (validation and test).
 
 A run stopped by SIGTERM or SIGINT saves a checkpoint and returns normally; a
 run killed outright resumes from its last checkpoint and ends with the same
@@ -26,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -33,6 +43,7 @@ import numpy as np
 import tqdm
 
 from seqjax import data as data_lib
+from seqjax import decoding
 from seqjax import models as models_lib
 from seqjax.train import checkpoint as checkpoint_lib
 from seqjax.train import optim, parallel
@@ -96,6 +107,22 @@ class _Writer:
       self._tb.add_scalar(f"{split}/{name}", value, step)
     self._tb.flush()
 
+  def times_at(self, step: int) -> tuple[float, float]:
+    """``(train_time, wall_time)`` of the last record at or before ``step``, or zeros."""
+    path = self._jsonl.name if self.enabled else None
+    found = (0.0, 0.0)
+    if path is None:
+      return found
+    with open(path, encoding="utf-8") as lines:
+      for line in lines:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+          continue
+        if record.get("step", step + 1) <= step and "train_time" in record:
+          found = (float(record["train_time"]), float(record.get("wall_time", 0.0)))
+    return found
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
@@ -143,8 +170,9 @@ class _Run:
       parallel.check_divisible(config.data.eval_batch_size, "data.eval_batch_size")
     self.source = data_lib.create(config.data, shard=parallel.process_shard(),
                                   seed=config.seed)
+    self.info = self.source.info
     model_lib = models_lib.get(config.model.name)
-    self.model = model_lib.create(config.model)
+    self.model = model_lib.create(config.model, self.info)
     self.loss_fn = functools.partial(model_lib.loss, config.model)
     self.tx = optim.make_optimizer(config.optimizer, config.train.steps)
     self.eval_step = step_lib.make_eval_step(self.model, self.loss_fn)
@@ -181,10 +209,10 @@ class _Run:
     grow = lambda x: np.zeros((self.global_rows,) + np.shape(x)[1:], np.asarray(x).dtype)
     return state.replace(carry=jax.tree.map(grow, state.carry)).saveable()
 
-  def evaluate(self, params_on_devices) -> dict:
-    """Metrics over the whole evaluation split (carry kept across stream windows)."""
+  def evaluate(self, params_on_devices, split: str) -> dict:
+    """Metrics over the whole of one evaluation split (carry kept across stream windows)."""
     total, carry = None, None
-    for batch in self.source.eval_batches():
+    for batch in self.source.eval_batches(split):
       carry, metrics = self.eval_step(params_on_devices, parallel.shard(batch), carry)
       if not self.source.stateful:
         carry = None
@@ -213,6 +241,21 @@ def _check_resumable(saved: dict, config) -> None:
                        f"{before}, not {now}; use a new workdir to change it")
 
 
+def _check_same_info(saved: dict, now: dict, where) -> None:
+  """The data a checkpoint was trained on must describe itself as the data now does."""
+  if saved != now:
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    raise ValueError(f"the data differs from what the checkpoints in {where} were trained "
+                     f"on ({', '.join(keys)}: {saved.get(keys[0])!r} then, "
+                     f"{now.get(keys[0])!r} now)")
+
+
+def _eval_line(step: int, results: dict) -> str:
+  return f"step {step}: " + "; ".join(
+      f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+      for split, metrics in results.items())
+
+
 def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
   """Trains the model ``config`` describes, resuming from ``workdir``'s checkpoints.
 
@@ -223,7 +266,8 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
 
   Returns:
     A dict: ``step`` reached, ``stopped_by`` (the signal name, or ``None``),
-    and ``eval`` (the last evaluation's metrics, or ``{}``).
+    and ``eval``: ``{split: metrics}`` of the last evaluation (every split at
+    the end of the run), or ``{}``.
 
   Raises:
     TrainingDiverged: the training loss became NaN or infinite.
@@ -239,6 +283,7 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
   saved = run.checkpointer.load_config()
   if saved is not None:
     _check_resumable(saved[1], config)
+    _check_same_info(run.checkpointer.load_info(saved[0]), run.info, workdir)
     restored = run.checkpointer.restore(run.restore_target(state))
     if restored is not None:
       state = run.from_saved(state, restored[1])
@@ -255,11 +300,18 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
 
   pending = []          # (step, metrics on device) not yet fetched
   last_saved = run.checkpointer.latest_step()
-  clock = time.perf_counter()
+  # Seconds in training steps (not evaluation or checkpoints) and of the whole
+  # run, continued from before the checkpoint when resuming.
+  train_time, wall_before = writer.times_at(start) if start else (0.0, 0.0)
+  started = clock = time.perf_counter()
+
+  def times() -> dict:
+    return {"train_time": train_time,
+            "wall_time": wall_before + time.perf_counter() - started}
 
   def flush(step: int) -> None:
     """Fetches pending train metrics, stops on a non-finite loss, logs their mean."""
-    nonlocal pending, clock
+    nonlocal pending, clock, train_time
     if not pending:
       return
     fetched = [(s, jax.device_get(jax.tree.map(lambda x: x[0], m))) for s, m in pending]
@@ -275,9 +327,10 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
       total = _add(total, m)
     metrics = step_lib.means(total)
     elapsed = time.perf_counter() - clock
+    train_time += elapsed
     metrics["steps_per_second"] = len(fetched) / elapsed
     metrics["tokens_per_second"] = len(fetched) * tokens_per_step / elapsed
-    writer.write(step, "train", metrics)
+    writer.write(step, "train", dict(metrics, **times()))
     bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                     tok_s=f"{metrics['tokens_per_second']:.3g}", refresh=False)
     pending, clock = [], time.perf_counter()
@@ -285,8 +338,17 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
   def save(step: int, metrics: dict | None) -> None:
     nonlocal last_saved
     host = _from_devices(on_devices)
-    run.checkpointer.save(step, run.saveable(host), config_json, metrics)
+    run.checkpointer.save(step, run.saveable(host), config_json, metrics, run.info)
     last_saved = step
+
+  def evaluate(step: int, splits) -> dict:
+    results = {}
+    for split in splits:
+      results[split] = run.evaluate(on_devices.params, split)
+      writer.write(step, split, dict(results[split], **times()))
+    if lead:
+      bar.write(_eval_line(step, results))
+    return results
 
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not (lead and cfg.progress),
                   desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -305,15 +367,14 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
         evaluated = None
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
           flush(done)
-          evaluated = run.evaluate(on_devices.params)
-          writer.write(done, "eval", evaluated)
-          result["eval"] = evaluated
-          if lead:
-            bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}"
-                                                    for k, v in evaluated.items()))
+          splits = run.source.eval_splits
+          result["eval"] = evaluate(done, splits if done == cfg.steps else splits[:1])
+          evaluated = result["eval"][splits[0]]
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
           flush(done)
           save(done, evaluated)
+        if not pending:  # flushed: what followed (evaluation, saving) is not training
+          clock = time.perf_counter()
         result["step"] = done
         if stop is not None:
           result["stopped_by"] = stop
@@ -329,37 +390,138 @@ def train_and_evaluate(config, workdir, *, log=_stderr) -> dict:
   return result
 
 
-def evaluate(workdir, *, step: int | None = None, checkpoint: str = "latest",
-             log=_stderr) -> dict:
-  """Evaluates a saved run: rebuilds the model from the checkpoint's config.
+class Trained(NamedTuple):
+  """A saved run: the step, its config, its data ``info`` and its parameters."""
+
+  step: int
+  config: ml_collections.ConfigDict
+  info: dict
+  params: Any
+
+
+def load_trained(workdir, *, step: int | None = None, checkpoint: str = "latest",
+                 log=_stderr) -> Trained:
+  """The parameters of a saved run, and what rebuilds its model (no data needed).
 
   Args:
     workdir: a training run's workdir.
-    step: evaluate this step; otherwise ``checkpoint`` decides.
-    checkpoint: ``"latest"`` or ``"best"``.
-
-  Returns:
-    ``{"step": int, "eval": metrics}``.
+    step: this step; otherwise ``checkpoint`` decides.
+    checkpoint: ``"latest"`` (newest readable) or ``"best"`` (best evaluation).
 
   Raises:
-    ValueError: no readable checkpoint in ``workdir``.
+    ValueError: no readable checkpoint in ``workdir``, or none ranked as best.
   """
   directory = Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise ValueError(f"no checkpoints in {workdir} (expected {directory})")
+  if checkpoint not in ("latest", "best"):
+    raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
   probe = checkpoint_lib.Checkpointer(directory, async_save=False, log=log)
-  if step is None and checkpoint == "best":
-    step = probe.best_step()
-    if step is None:
-      raise ValueError(f"no checkpoint in {directory} has an evaluation metric to rank by")
-  loaded = probe.load_config(step)
-  if loaded is None:
-    raise ValueError(f"no readable checkpoint in {directory}")
-  config = ml_collections.ConfigDict(loaded[1])
-  run = _Run(config, None, log)
-  state = run.initial_state()
-  _, tree = probe.restore(run.restore_target(state), step=loaded[0])
-  state = run.from_saved(state, tree)
-  metrics = run.evaluate(parallel.replicate(state.params))
-  probe.close()
-  return {"step": loaded[0], "eval": metrics}
+  try:
+    if step is None and checkpoint == "best":
+      step = probe.best_step()
+      if step is None:
+        raise ValueError(f"no checkpoint in {directory} has an evaluation metric to rank by")
+    loaded = probe.load_config(step)
+    if loaded is None:
+      raise ValueError(f"no readable checkpoint in {directory}")
+    step, config = loaded
+    return Trained(step=step, config=ml_collections.ConfigDict(config),
+                   info=probe.load_info(step),
+                   params=probe.restore_saved(step)["params"])
+  finally:
+    probe.close()
+
+
+def evaluate(workdir, *, step: int | None = None, checkpoint: str = "latest",
+             splits=None, log=_stderr) -> dict:
+  """Evaluates a saved run on every evaluation split of its data.
+
+  The model is rebuilt from the checkpoint's config, and the data from the
+  config's data section; the data must still describe itself as it did in
+  training (a text corpus must give the same vocabulary).
+
+  Args:
+    workdir: a training run's workdir.
+    step, checkpoint: which checkpoint (see :func:`load_trained`).
+    splits: the splits to evaluate (default: all of the data's).
+
+  Returns:
+    ``{"step": int, "eval": {split: metrics}}``.
+
+  Raises:
+    ValueError: no readable checkpoint, an unknown split, or changed data.
+  """
+  trained = load_trained(workdir, step=step, checkpoint=checkpoint, log=log)
+  run = _Run(trained.config, None, log)
+  _check_same_info(trained.info, run.info, workdir)
+  splits = run.source.eval_splits if splits is None else tuple(splits)
+  unknown = [s for s in splits if s not in run.source.eval_splits]
+  if unknown:
+    raise ValueError(f"unknown split {unknown[0]!r}; the data has "
+                     f"{', '.join(run.source.eval_splits)}")
+  params = parallel.replicate(trained.params)
+  return {"step": trained.step,
+          "eval": {split: run.evaluate(params, split) for split in splits}}
+
+
+def sample(workdir, *, prompt: str = "\n", length: int = 500, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+           step: int | None = None, checkpoint: str = "latest", chunk: int = 64,
+           write=None, log=_stderr) -> list[str]:
+  """Text from a trained model that generates (see :mod:`seqjax.models`).
+
+  The model reads the prompt, then a jitted ``lax.scan`` (:mod:`seqjax.decoding`)
+  draws ``length`` characters, each fed back, ``chunk`` at a time so that text
+  can be shown as it comes. The same seed gives the same text.
+
+  Args:
+    workdir, step, checkpoint: which trained model (see :func:`load_trained`).
+    prompt: the text to continue (at least one character of the vocabulary).
+    length: characters to draw after the prompt.
+    temperature, top_k, top_p: see :func:`seqjax.decoding.sample_logits`;
+      temperature 0 is greedy.
+    num_samples: independent continuations, drawn as one batch.
+    seed: the random seed.
+    write: called with each new piece of text when ``num_samples == 1``.
+
+  Returns:
+    The ``num_samples`` continuations (without the prompt).
+
+  Raises:
+    ValueError: a model that does not generate, prompt characters outside its
+      vocabulary, or bad sampling settings.
+  """
+  if length < 1 or num_samples < 1 or chunk < 1:
+    raise ValueError(f"length, num_samples and chunk must be >= 1, got {length}, "
+                     f"{num_samples} and {chunk}")
+  if not prompt:
+    raise ValueError("the prompt must have at least one character")
+  decoding.check_settings(temperature, top_k, top_p)  # before any loading
+  trained = load_trained(workdir, step=step, checkpoint=checkpoint, log=log)
+  model_lib = models_lib.get(trained.config.model.name)
+  if not hasattr(model_lib, "decode_step"):
+    raise ValueError(f"model {trained.config.model.name!r} does not generate text")
+  vocab = model_lib.vocabulary(trained.info)
+  missing = vocab.missing(prompt)
+  if missing:
+    raise ValueError(f"the prompt has characters outside the model's vocabulary: "
+                     f"{' '.join(repr(c) for c in missing)}")
+  step_fn = model_lib.decode_step(model_lib.create(trained.config.model, trained.info))
+  params = jax.device_put(trained.params)
+
+  prompt_ids = np.tile(vocab.encode(prompt)[None], (num_samples, 1))  # [N, P]
+  carry, logits = jax.jit(step_fn)(params, None, prompt_ids)
+  draw = jax.jit(functools.partial(decoding.generate, step_fn, length=chunk,
+                                   temperature=temperature, top_k=top_k, top_p=top_p))
+  key = jax.random.PRNGKey(seed)
+  pieces, drawn = [], 0
+  while drawn < length:
+    carry, logits, tokens = draw(params, carry, logits, key, start=drawn)
+    tokens = np.asarray(tokens)[:, :length - drawn]  # [N, <= chunk]
+    pieces.append(tokens)
+    drawn += tokens.shape[1]
+    if write is not None and num_samples == 1:
+      write(vocab.decode(tokens[0]))
+  tokens = np.concatenate(pieces, axis=1)
+  return [vocab.decode(row) for row in tokens]

@@ -16,7 +16,8 @@ import pytest
 
 from seqjax import data as data_lib
 from seqjax.cli import load_config
-from seqjax.train import checkpoint, loop, tbptt
+from seqjax.data import streams
+from seqjax.train import checkpoint, loop
 
 ROOT = Path(__file__).resolve().parents[2]
 # Quick copy-task model with two layers and inter-layer dropout: resume must
@@ -109,12 +110,23 @@ def test_divergence_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
     assert f"checkpoints/{max(kept)}" in lines[0]
 
 
+class _StreamSource(streams.StreamBatcher):
+  """Streams as a data source: evaluated on the training streams themselves."""
+
+  eval_splits = ("validation",)
+  info = {}
+
+  def eval_batches(self, split="validation"):
+    del split
+    return super().eval_batches()
+
+
 def _stream_source(config, *, shard=(0, 1), seed=0):
   rng = np.random.default_rng(123)
-  streams = [rng.integers(0, config.vocab, size=n) for n in (40, 200, 75, 130, 300)]
-  tokens, starts = tbptt.concatenate(streams)
-  return tbptt.StreamBatcher(tokens, starts, batch_size=config.batch_size,
-                             window=config.window, shard=shard, seed=seed)
+  parts = [rng.integers(0, config.vocab, size=n) for n in (40, 200, 75, 130, 300)]
+  tokens, starts = streams.concatenate(parts)
+  return _StreamSource(tokens, starts, batch_size=config.batch_size, window=config.window,
+                       shard=shard, seed=seed)
 
 
 def _stream_config(steps):
@@ -166,19 +178,36 @@ def test_metrics_files_and_eval_command_agree(tmp_path):
   result = loop.train_and_evaluate(config, tmp_path, log=print)
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [x for x in lines if x["split"] == "train"]
-  evals = [x for x in lines if x["split"] == "eval"]
-  assert [x["step"] for x in train] == [2, 4]
-  assert {"loss", "grad_norm", "steps_per_second", "tokens_per_second"} <= set(train[0])
-  assert evals[-1]["loss"] == pytest.approx(result["eval"]["loss"])
+  evals = [x for x in lines if x["split"] == "validation"]
+  assert [x["step"] for x in train] == [2, 4] and [x["step"] for x in evals] == [2, 4]
+  assert {"loss", "grad_norm", "steps_per_second", "tokens_per_second", "train_time",
+          "wall_time"} <= set(train[0])
+  assert 0 < train[0]["train_time"] <= train[0]["wall_time"] <= evals[0]["wall_time"]
+  assert evals[0]["train_time"] == train[0]["train_time"]   # evaluation is not training time
+  assert evals[-1]["loss"] == pytest.approx(result["eval"]["validation"]["loss"])
   events = _events(tmp_path / "tensorboard")
   assert ("train/loss", 4, pytest.approx(train[-1]["loss"])) in events
-  assert ("eval/loss", 4, pytest.approx(evals[-1]["loss"])) in events
+  assert ("validation/loss", 4, pytest.approx(evals[-1]["loss"])) in events
   # `seqjax eval` rebuilds the model from the checkpoint and gets the same numbers.
   again = loop.evaluate(tmp_path)
   assert again["step"] == 4
-  assert again["eval"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-6)
+  assert again["eval"]["validation"]["loss"] == pytest.approx(
+      result["eval"]["validation"]["loss"], rel=1e-6)
   best = loop.evaluate(tmp_path, checkpoint="best")
   assert best["step"] in (2, 4)
+
+
+def test_a_resumed_run_continues_its_clocks(tmp_path):
+  config = load_config("adding", quick=True)
+  config.train.steps, config.train.checkpoint_every = 4, 4
+  loop.train_and_evaluate(config, tmp_path, log=print)
+  config.train.steps = 6
+  loop.train_and_evaluate(config, tmp_path, log=print)
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  by_step = {(x["step"], x["split"]): x for x in lines}
+  before, after = by_step[(4, "train")], by_step[(6, "train")]
+  assert after["train_time"] > before["train_time"]
+  assert after["wall_time"] > before["wall_time"]
 
 
 def test_changing_the_model_in_a_used_workdir_is_refused(tmp_path):

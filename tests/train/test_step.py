@@ -12,6 +12,7 @@ import pytest
 from seqjax.cli import list_experiments, load_config
 from seqjax.train import loop, parallel
 from seqjax.train import step as step_lib
+from tests.conftest import skip_without_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +44,7 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch(tmp_path):
 @pytest.mark.parametrize("name", sorted(list_experiments()))
 def test_one_step_changes_every_parameter(name):
   config = load_config(name, quick=True)
+  skip_without_data(config)
   run = loop._Run(config, None, print)  # noqa: SLF001
   state = run.initial_state()
   before = jax.device_get(state.params)

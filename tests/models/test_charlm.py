@@ -1,0 +1,164 @@
+"""The char-LM: layout, causality, regularisers (on in training, off at eval),
+variational masks shared over time, the loss, and the decoding step."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from seqjax.models import charlm
+
+INFO = {"vocab": "abcdefghijklmnopqrstuvwxyz"}   # V = 27 with the unknown id
+B, T, V, E, H = 3, 10, 27, 6, 8
+
+
+def _config(**overrides):
+  config = charlm.default_config()
+  config.update(dict(hidden_size=H, embed_size=E, num_layers=2))
+  config.update(overrides)
+  return config
+
+
+def _setup(**overrides):
+  config = _config(**overrides)
+  model = charlm.create(config, INFO)
+  tokens = jax.random.randint(jax.random.key(0), (B, T), 0, V)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
+  variables = model.init(jax.random.key(1), batch, None)
+  return config, model, batch, variables
+
+
+def _train(model, variables, batch, seed=2, **kwargs):
+  return model.apply(variables, batch, None, train=True, rngs={"dropout": jax.random.key(seed)},
+                     **kwargs)
+
+
+def test_parameter_layout():
+  _, _, _, variables = _setup()
+  shapes = jax.tree.map(np.shape, variables["params"])
+  assert shapes == {
+      "embed": (V, E),
+      "rnn": {"layer_0": {"w_x": (E, 4 * H), "w_h": (H, 4 * H), "b": (4 * H,)},
+              "layer_1": {"w_x": (H, 4 * H), "w_h": (H, 4 * H), "b": (4 * H,)}},
+      "head": {"kernel": (H, V), "bias": (V,)}}
+  _, _, _, tied = _setup(tie_weights=True, embed_size=H)
+  assert set(tied["params"]) == {"embed", "rnn", "head_bias"}
+  assert tied["params"]["embed"].shape == (V, H)
+
+
+def test_causality_by_gradient():
+  """d logits_t / d input_s is exactly 0 for s > t (and not for s <= t)."""
+  _, model, _, variables = _setup(cell="gru")
+  tokens = jnp.arange(T)[None, :]  # each position its own character, so the
+  # gradient on embedding row s is the gradient on the input at step s
+
+  def logits_at(table, t):
+    params = dict(variables["params"], embed=table)
+    _, out = model.apply({"params": params}, {"inputs": tokens}, None)
+    return jnp.sum(out["logits"][0, t])
+
+  for t in range(T):
+    grad = jax.grad(logits_at)(variables["params"]["embed"], t)  # [V, E]
+    per_step = np.abs(np.asarray(grad[:T])).sum(axis=1)  # [T]
+    assert np.all(per_step[t + 1:] == 0), (t, per_step)
+    assert np.all(per_step[:t + 1] > 0), (t, per_step)
+
+
+@pytest.mark.parametrize("name", ["dropout_input", "dropout_hidden", "dropout_output",
+                                  "dropout_embedding", "weight_drop"])
+def test_each_dropout_changes_training_outputs_and_is_off_at_eval(name):
+  _, model, batch, variables = _setup(**{name: 0.5})
+  _, plain_model, _, _ = _setup()
+  eval_logits = model.apply(variables, batch, None)[1]["logits"]
+  np.testing.assert_array_equal(eval_logits, plain_model.apply(variables, batch, None)[1]["logits"])
+  train_logits = _train(model, variables, batch)[1]["logits"]
+  assert not np.allclose(train_logits, eval_logits)
+  np.testing.assert_array_equal(train_logits, _train(model, variables, batch)[1]["logits"])
+  assert not np.allclose(train_logits, _train(model, variables, batch, seed=3)[1]["logits"])
+  # Without the regulariser, training mode is evaluation mode.
+  np.testing.assert_array_equal(_train(plain_model, variables, batch)[1]["logits"], eval_logits)
+
+
+@pytest.mark.parametrize("name", ["dropout_input", "dropout_output"])
+def test_variational_dropout_uses_one_mask_across_time(name):
+  _, model, _, variables = _setup(**{name: 0.5})
+  batch = {"inputs": jnp.full((B, T), 4)}  # the same character at every step
+  _, state = _train(model, variables, batch, capture_intermediates=True,
+                    mutable=["intermediates"])
+  layer = "Dropout_0" if name == "dropout_input" else "Dropout_1"
+  (dropped,) = state["intermediates"][layer]["__call__"]  # [B, T, E or H]
+  dropped = np.asarray(dropped)
+  zeros = dropped == 0
+  assert zeros.any() and not zeros.all()
+  for t in range(T):
+    np.testing.assert_array_equal(zeros[:, t], zeros[:, 0])
+  assert not np.array_equal(zeros[0], zeros[1])  # but one mask per row
+
+
+def test_embedding_dropout_drops_whole_characters():
+  _, model, _, variables = _setup(dropout_embedding=0.5)
+  tokens = jnp.tile(jnp.arange(12)[None, :], (B, 2))  # every character 2 * B times
+  _, state = _train(model, variables, {"inputs": tokens}, capture_intermediates=True,
+                    mutable=["intermediates"])
+  (xs,) = state["intermediates"]["Dropout_0"]["__call__"]  # dropout_input = 0: xs as looked up
+  row_zero = np.all(np.asarray(xs) == 0, axis=-1)  # [B, 2 * 12]
+  table = np.asarray(variables["params"]["embed"])
+  for char in range(12):
+    status = row_zero[np.asarray(tokens) == char]
+    assert status.all() or not status.any()       # a character is dropped everywhere or nowhere
+  dropped = {c for c in range(12) if row_zero[np.asarray(tokens) == c].all()}
+  assert 0 < len(dropped) < 12
+  kept = [c for c in range(12) if c not in dropped][0]
+  np.testing.assert_allclose(np.asarray(xs)[np.asarray(tokens) == kept][0], table[kept] / 0.5,
+                             rtol=1e-6)
+
+
+def test_ar_and_tar_add_to_the_training_objective_only():
+  config, model, batch, variables = _setup(ar=2.0, tar=3.0, dropout_output=0.3)
+  weights = jnp.ones((B, T)).at[0, :4].set(0.0)
+  batch = dict(batch, weights=weights, resets=jnp.zeros((B, T), bool).at[1, 5].set(True))
+  _, outputs = _train(model, variables, batch)
+  objective, weight, metrics = charlm.loss(config, outputs, batch)
+  ce, w = metrics["loss"]
+  assert float(w) == float(weight) == B * T - 4
+  expected = ce + 2.0 * jnp.sum(outputs["ar"] * weights) + 3.0 * jnp.sum(outputs["tar"] * weights)
+  np.testing.assert_allclose(objective, expected, rtol=1e-6)
+  assert float(objective) > float(ce)
+  assert outputs["tar"].shape == (B, T) and float(outputs["tar"][1, 5]) == 0.0  # reset
+  assert float(outputs["tar"][0, 0]) == 0.0 and float(outputs["tar"][1, 6]) > 0
+  _, eval_outputs = model.apply(variables, batch, None)
+  assert set(eval_outputs) == {"logits"}
+  objective, _, metrics = charlm.loss(config, eval_outputs, batch)
+  np.testing.assert_array_equal(objective, metrics["loss"][0])
+  np.testing.assert_allclose(metrics["bits"][0], metrics["loss"][0] / np.log(2), rtol=1e-6)
+
+
+def test_decode_step_continues_the_sequence_and_never_proposes_unknown():
+  _, model, batch, variables = _setup()
+  step = charlm.decode_step(model)
+  params = variables["params"]
+  _, full = model.apply(variables, batch, None)
+  carry, logits = step(params, None, batch["inputs"][:, :6])
+  np.testing.assert_allclose(logits[:, :-1], full["logits"][:, 5, :-1], rtol=1e-5, atol=1e-6)
+  for t in range(6, T):
+    carry, logits = step(params, carry, batch["inputs"][:, t:t + 1])
+    np.testing.assert_allclose(logits[:, :-1], full["logits"][:, t, :-1], rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(logits[:, -1]) == -np.inf)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(cell="lstmm"), "unknown model.cell 'lstmm'"),
+    (dict(dropout_hidden=1.0), r"model.dropout_hidden must be in \[0, 1\), got 1.0"),
+    (dict(tie_weights=True), "model.tie_weights needs model.embed_size == model.hidden_size, "
+                             "got 6 and 8"),
+])
+def test_bad_configs_raise(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    charlm.create(_config(**overrides), INFO)
+
+
+def test_needs_a_vocabulary():
+  with pytest.raises(ValueError, match="needs a text data source"):
+    charlm.create(_config(), {})
+  assert isinstance(charlm.default_config(), ml_collections.ConfigDict)
