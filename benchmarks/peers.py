@@ -52,8 +52,9 @@ def _sgd_jax(loss):
   return step
 
 
-def seqjax_contender(cell_name, size, mode):
-  cell = {"lstm": cells.LSTM, "gru": cells.GRU}[cell_name](size["H"])
+def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
+  cell = {"lstm": cells.LSTM, "gru": cells.GRU}[cell_name](size["H"],
+                                                          matmul_dtype=matmul_dtype)
   params = cell.init(jax.random.key(0), size["D"])
   xs = jax.random.normal(jax.random.key(1), (size["B"], size["T"], size["D"]))
 

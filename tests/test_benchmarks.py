@@ -107,3 +107,34 @@ def test_vanishing_gradients(tmp_path):
   assert len(scalar["w"]) == len(scalar["h_T"]) == len(scalar["dh_T_dh_0"])
   for name in ("vanishing_gradients.png", "scalar_recurrence.png"):
     assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_charlm_curves(tmp_path):
+  payload, out = _run("charlm_curves", tmp_path)
+  (run,) = payload["results"]
+  assert run["label"] == "quick" and run["params"] > 0 and run["step"] == 4
+  assert [x["step"] for x in run["curve"]] == [2, 4]
+  for x in run["curve"]:
+    assert _positive(x["loss"]) and _positive(x["train_time"])
+    assert x["train_time"] <= x["wall_time"]
+  assert set(run["final"]) == {"validation", "test"}
+  assert set(run["first_train_time_at_or_below"]) == {"1.50", "1.40"}
+  assert (tmp_path / "charlm_curves.png").stat().st_size > 0
+  assert "quick: validation" in out
+
+
+def test_precision(tmp_path):
+  payload, out = _run("precision", tmp_path)
+  assert {(r["cell"], r["mode"]) for r in payload["results"]} == {
+      (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
+  for r in payload["results"]:
+    assert set(r["tokens_per_s"]) == {"float32", "bfloat16"}
+    for s in r["tokens_per_s"].values():
+      _spread(s)
+    _spread(r["speedup"])
+    errors = r["relative_error"]
+    assert 0 < errors["outputs"] < 0.05
+    assert set(errors["gradients"]) >= {"w_x", "w_h", "b"}
+    assert all(0 < e < 0.1 for e in errors["gradients"].values())
+  assert "bf16/f32" in out
+  assert "| GRU | (q) B4 T16 D=H=8 | infer |" in out  # the README table
