@@ -1,8 +1,11 @@
 """The README's promises: its Python example runs, CI runs its test command
-verbatim, and the example script trains."""
+verbatim, its main command trains a char-LM and samples, and the example script
+trains."""
 
+import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -20,12 +23,39 @@ def test_readme_python_example_runs():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-  commands = [b.strip() for b in _blocks("bash")]
-  assert len(commands) == 2, "README opens with the example and the test command"
+  opening = README.split("\n## ", 1)[0]  # before the first section
+  commands = [b.strip() for b in re.findall(r"```bash\n(.*?)```", opening, flags=re.S)]
+  assert len(commands) == 2, "README opens with the main command and the test command"
   test_command = commands[1]
   assert "pytest" in test_command
   ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
   assert test_command in ci_lines
+
+
+def test_readme_main_command_trains_a_char_lm_and_samples(tmp_path):
+  """README's first command, verbatim but for the install, the workdir and a shrunk
+  training budget: it trains the char-LM on the embedded corpus and prints a sample."""
+  main = _blocks("bash")[0].strip()
+  install, *commands = [part.strip() for part in main.split(" && ")]
+  assert install == "python -m pip install -e ."
+  assert [c.split()[:3] for c in commands] == [["seqjax", "train", "charlm"],
+                                               ["seqjax", "sample", "--workdir"]]
+  workdir = re.search(r"--workdir (\S+)", commands[0]).group(1)
+  shrink = ["--config.train.steps=20", "--config.optimizer.warmup_steps=5",
+            "--config.train.eval_every=0",
+            "--config.train.progress=false"]
+  outputs = []
+  for command, extra in zip(commands, (shrink, [])):
+    args = shlex.split(command.replace(workdir, str(tmp_path)))[1:] + extra
+    done = subprocess.run([sys.executable, "-m", "seqjax.cli", *args], capture_output=True,
+                          text=True, timeout=600, check=False,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs.append(done.stdout)
+  prompt = shlex.split(commands[1]).index("--prompt")
+  prompt = shlex.split(commands[1])[prompt + 1]
+  length = int(re.search(r"--length (\d+)", commands[1]).group(1))
+  assert outputs[1].startswith(prompt) and len(outputs[1]) == len(prompt) + length + 1
 
 
 def test_quickstart_learns_the_adding_problem():
