@@ -59,7 +59,7 @@ def test_readme_main_command_trains_a_char_lm_and_samples(tmp_path):
 
 
 def test_quickstart_learns_the_adding_problem():
-  """A shrunk run of README's first command still beats the mean predictor."""
+  """A shrunk run of examples/quickstart.py (in README's layout) beats the mean predictor."""
   out = subprocess.run(
       [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "400",
        "--seq-len", "10", "--batch", "64"],

@@ -149,6 +149,7 @@ def test_driver_matches_reference(cell_name, driver, option):
   assert_grads_match_reference(jax_loss, ref_loss, (params, xs, carry))
 
 
+@pytest.mark.slow  # numerical differentiation; the reference-gradient tests cover the default run
 @pytest.mark.parametrize("cell_name", ["lstm", "gru", "mingru"])
 def test_check_grads_through_drivers(cell_name):
   cell = CELLS[cell_name]

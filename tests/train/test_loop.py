@@ -77,7 +77,9 @@ def test_killed_run_resumes_to_the_same_params_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM (one handler): the slow run checks it too.
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_sigterm_and_sigint_save_and_exit_zero(tmp_path, sig):
   proc = _seqjax(["train", "copy_memory", "--quick", *OVERRIDES, "--workdir", str(tmp_path),
                   "--config.train.steps=100000", "--config.train.checkpoint_every=50"])
