@@ -89,6 +89,27 @@ def arguments(description: str, name: str) -> argparse.ArgumentParser:
   return parser
 
 
+def table_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of a script that keeps a table in ``benchmarks/README.md``."""
+  parser.add_argument("--update-readme", action="store_true",
+                      help="rewrite the README table from this run's results")
+  parser.add_argument("--table-from", type=Path, default=None,
+                      help="only rewrite the README table from this JSON")
+
+
+def readme_table(marker: str, markdown, results, *, update: bool) -> str:
+  """Renders ``markdown(results)`` and, if ``update``, puts it in the README."""
+  table = markdown(results)
+  if update:
+    replace_between_markers(HERE / "README.md", marker, table)
+  return table
+
+
+def table_from(path: Path, marker: str, markdown) -> None:
+  """Rewrites the README table ``marker`` from a saved results JSON."""
+  readme_table(marker, markdown, json.loads(Path(path).read_text())["results"], update=True)
+
+
 def replace_between_markers(path: Path, marker: str, text: str) -> None:
   """Replaces what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->``."""
   start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"

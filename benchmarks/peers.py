@@ -24,8 +24,6 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import common  # noqa: E402
 import jax  # noqa: E402
@@ -185,13 +183,10 @@ def main(argv=None):
   parser.add_argument("--sizes", default=None, help="comma-separated of a,b,c")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per round")
-  parser.add_argument("--update-readme", action="store_true")
-  parser.add_argument("--table-from", type=Path, default=None,
-                      help="only rewrite the README table from this JSON")
+  common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    results = json.loads(args.table_from.read_text())["results"]
-    common.replace_between_markers(common.HERE / "README.md", "peers", markdown(results))
+    common.table_from(args.table_from, "peers", markdown)
     return
   sizes = QUICK_SIZES if args.quick else SIZES
   if args.sizes:
@@ -209,10 +204,7 @@ def main(argv=None):
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s", flush=True)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR)
   common.write(args.out, "peers", config, results)
-  table = markdown(results)
-  print(table)
-  if args.update_readme:
-    common.replace_between_markers(common.HERE / "README.md", "peers", table)
+  print(common.readme_table("peers", markdown, results, update=args.update_readme))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ every parameter's gradient.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import common
 import jax
 import jax.numpy as jnp
@@ -81,13 +78,10 @@ def main(argv=None):
   parser = common.arguments(__doc__.splitlines()[0], "precision")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3)
-  parser.add_argument("--update-readme", action="store_true")
-  parser.add_argument("--table-from", type=Path, default=None,
-                      help="only rewrite the README table from this JSON")
+  common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    results = json.loads(args.table_from.read_text())["results"]
-    common.replace_between_markers(common.HERE / "README.md", "precision", markdown(results))
+    common.table_from(args.table_from, "precision", markdown)
     return
   sizes = peers.QUICK_SIZES if args.quick else peers.SIZES
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
@@ -106,10 +100,7 @@ def main(argv=None):
               f"{row['speedup']['max']:.2f}); error: outputs {errors['outputs']:.1e}, "
               f"gradients <= {max(errors['gradients'].values()):.1e}", flush=True)
   common.write(args.out, "precision", dict(sizes=sizes, rounds=rounds, calls=calls), results)
-  table = markdown(results)
-  print(table)
-  if args.update_readme:
-    common.replace_between_markers(common.HERE / "README.md", "precision", table)
+  print(common.readme_table("precision", markdown, results, update=args.update_readme))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ next (truncated BPTT).
 
 import ml_collections
 
+from seqjax.data import text
 from seqjax.models import charlm
 from seqjax.train import loop
 
@@ -24,16 +25,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   config = loop.default_config()
   config.model = charlm.default_config()
   config.model.update(dict(cell="lstm", hidden_size=256, num_layers=2, embed_size=64))
-  config.data = ml_collections.ConfigDict(dict(
-      name="text",
-      corpus="embedded",
-      dir="",
-      tfds_dir="",
-      max_chars=0,
-      batch_size=32,
-      window=128,
-      eval_batch_size=8,
-  ))
+  config.data = text.default_config()  # the embedded corpus, 32 rows of 128 characters
   config.optimizer.update(dict(name="adam", learning_rate=3e-3, schedule="warmup_cosine",
                                warmup_steps=50, clip_norm=1.0))
   config.train.update(dict(steps=800, log_every=50, eval_every=200, checkpoint_every=400))

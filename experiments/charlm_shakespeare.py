@@ -15,6 +15,7 @@ set ``SEQJAX_DATA_DIR`` (or ``--config.data.dir``) to a folder holding
 
 import ml_collections
 
+from seqjax.data import text
 from seqjax.models import charlm
 from seqjax.train import loop
 
@@ -25,16 +26,10 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   # No dropout: in 10 minutes the 0.9M-parameter model is only starting to
   # overfit.
   config.model.update(dict(cell="lstm", hidden_size=256, num_layers=2, embed_size=64))
-  config.data = ml_collections.ConfigDict(dict(
-      name="text",
-      corpus="tiny_shakespeare",
-      dir="",                 # "" -> $SEQJAX_DATA_DIR
-      tfds_dir="",            # "" -> TFDS's default (~/tensorflow_datasets)
-      max_chars=0,
-      batch_size=32,          # small batches: more updates in the 10 minutes
-      window=128,             # truncated BPTT length; the carry crosses windows
-      eval_batch_size=8,      # 8 rows of ~7,000 characters, each read continuously
-  ))
+  # Batches of 32 rows of 128 characters (the defaults; small batches, more
+  # updates in the 10 minutes); evaluation reads 8 rows of ~7,000 characters.
+  config.data = text.default_config()
+  config.data.corpus = "tiny_shakespeare"
   # The cosine reaches 0 exactly when the step budget ends, so the run finishes
   # annealed whatever its length.
   config.optimizer.update(dict(name="adam", learning_rate=3e-3, schedule="warmup_cosine",

@@ -19,7 +19,6 @@ FUSED = [cells.LSTM(5), cells.GRU(5)]
 
 
 def _inputs(cell=FUSED[0], b=3, t=9, d=4, dtype=jnp.float64):
-  h = cell.hidden_size
   params = cell.init(jax.random.key(0), d, dtype)
   xs = jax.random.normal(jax.random.key(1), (b, t, d), dtype)
   carry = jax.tree.map(lambda z: jax.random.normal(jax.random.key(2), z.shape, dtype),

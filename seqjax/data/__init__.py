@@ -20,7 +20,8 @@ from __future__ import annotations
 import importlib
 
 # name -> "module:factory", factory(config, shard=(index, count), seed=int).
-# A new dataset adds a line here; modules load on first use.
+# A new dataset adds a line here; modules load on first use. A factory itself
+# (not its "module:factory" name) also works, for sources registered at run time.
 SOURCES = {
     "parity": "seqjax.data.synthetic:create",
     "adding": "seqjax.data.synthetic:create",

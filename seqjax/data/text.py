@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import ml_collections
 import numpy as np
 
 from seqjax.data import streams
@@ -257,12 +258,22 @@ class TextSource:
     return self._eval[split].eval_batches()
 
 
-def create(config, *, shard: tuple[int, int] = (0, 1), seed: int = 0) -> TextSource:
-  """The text source a data config describes.
+def default_config() -> ml_collections.ConfigDict:
+  """A ``data`` config for :func:`create`; experiments change what they need."""
+  return ml_collections.ConfigDict(dict(
+      name="text",
+      corpus="embedded",      # "embedded", "tiny_shakespeare" or a path to a UTF-8 file
+      dir="",                 # "" -> $SEQJAX_DATA_DIR
+      tfds_dir="",            # "" -> TFDS's default (~/tensorflow_datasets)
+      max_chars=0,            # 0: whole splits; else each split's first max_chars
+      batch_size=32,
+      window=128,             # truncated BPTT length; the carry crosses windows
+      eval_batch_size=8,      # rows of an evaluation split, each read continuously
+  ))
 
-  Fields: ``corpus``, ``dir``, ``tfds_dir``, ``max_chars`` (0: whole splits;
-  otherwise each split is cut to its first ``max_chars`` characters),
-  ``batch_size``, ``window`` and ``eval_batch_size``.
+
+def create(config, *, shard: tuple[int, int] = (0, 1), seed: int = 0) -> TextSource:
+  """The text source a data config describes (fields: see :func:`default_config`).
 
   Raises:
     DataUnavailable: the corpus cannot be read or obtained (see the module doc).

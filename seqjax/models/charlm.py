@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -94,13 +93,12 @@ class CharLM(nn.Module):
     resets = batch.get("resets")
     table = self.param("embed", nn.initializers.normal(stddev=1.0),
                        (self.vocab_size, self.embed_size))  # [V, E]
-    inputs = table
-    if train and self.dropout_embedding > 0.0:
-      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_embedding,
-                                  (self.vocab_size, 1))
-      inputs = jnp.where(keep, table / (1.0 - self.dropout_embedding), 0.0)
+    # broadcast_dims=(1,): one draw per row, shared along axis 1. For the
+    # table that drops whole characters; for [B, T, ...] activations it is one
+    # mask per sequence for all T steps (variational).
+    inputs = nn.Dropout(self.dropout_embedding, broadcast_dims=(1,), name="embedding_dropout")(
+        table, deterministic=not train)
     xs = jnp.take(inputs, tokens, axis=0)  # [B, T, E]
-    # broadcast_dims=(1,): one mask per row for all T steps (variational).
     xs = nn.Dropout(self.dropout_input, broadcast_dims=(1,))(xs, deterministic=not train)
     carry, ys = StackedRNN(self.cells, dropout_rate=self.dropout_hidden, variational=True,
                            weight_drop=self.weight_drop, method=self.method, name="rnn")(

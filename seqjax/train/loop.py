@@ -109,11 +109,10 @@ class _Writer:
 
   def times_at(self, step: int) -> tuple[float, float]:
     """``(train_time, wall_time)`` of the last record at or before ``step``, or zeros."""
-    path = self._jsonl.name if self.enabled else None
     found = (0.0, 0.0)
-    if path is None:
+    if not self.enabled:
       return found
-    with open(path, encoding="utf-8") as lines:
+    with open(self._jsonl.name, encoding="utf-8") as lines:
       for line in lines:
         try:
           record = json.loads(line)
