@@ -12,6 +12,7 @@ from seqjax import recurrence
 from seqjax.recurrence import associative
 from seqjax.recurrence import bidirectional
 from seqjax.recurrence import BidirectionalCarry
+from seqjax.recurrence import chunked
 from seqjax.recurrence import run
 from seqjax.recurrence import scan
 from seqjax.recurrence import stacked
@@ -30,6 +31,6 @@ def __getattr__(name):
   raise AttributeError(f"module 'seqjax' has no attribute {name!r}")
 
 __all__ = [
-    "associative", "bidirectional", "BidirectionalCarry", "cells", "interop",
+    "associative", "bidirectional", "BidirectionalCarry", "cells", "chunked", "interop",
     "nn", "recurrence", "run", "scan", "stacked", "unroll",
 ]

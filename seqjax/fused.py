@@ -59,6 +59,11 @@ def _einsum(spec, a, b, dtype, out_dtype):
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype)
 
 
+def _like(grads, params):
+  """Gradients in their parameters' dtypes (float32 weights, float64 inputs)."""
+  return {k: g.astype(params[k].dtype) for k, g in grads.items()}
+
+
 def _gates(z, hidden):
   i = jax.nn.sigmoid(z[..., :hidden])
   f = jax.nn.sigmoid(z[..., hidden:2 * hidden])
@@ -162,7 +167,7 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
            "w_h": _einsum("tbh,tbg->hg", hs, dz, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dz, axis=(0, 1))}
   dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
-  return grads, dxs, dh0, dc0, None, None
+  return _like(grads, params), dxs, dh0, dc0, None, None
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
@@ -258,7 +263,8 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
            "w_h": _einsum("tbh,tbg->hg", hs, dhw, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dxp, axis=(0, 1)),
            "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
-  return grads, matmul(dxp, w_x.T, matmul_dtype, xs.dtype), dh0, None, None
+  return (_like(grads, params), matmul(dxp, w_x.T, matmul_dtype, xs.dtype), dh0, None,
+          None)
 
 
 gru_scan.defvjp(_gru_fwd, _gru_bwd)

@@ -9,6 +9,12 @@ method is one argument::
     carry, ys = associative(cell, params, xs, ...)   # linear cells only
     carry, ys = run(cell, params, xs, ..., method="scan" | "unroll" | "associative")
 
+Every driver takes ``remat=K``: the sequence runs in chunks of K steps and the
+backward pass recomputes each chunk's forward from the carry saved at its
+start, so training keeps T/K carries and one chunk's activations instead of
+every step's (:func:`chunked`, which also runs a whole per-chunk model, loss
+included, the same way).
+
 Conventions shared by all of them (and by :func:`bidirectional` and
 :func:`stacked`):
 
@@ -214,10 +220,81 @@ def _reversal_index(t: int, lengths: Array) -> Array:
   return jnp.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)
 
 
+def chunked(fn, carry, xs, *, chunk: int, remat: bool = True):
+  """Runs ``fn`` over consecutive chunks of the leading (time) axis of ``xs``.
+
+  ``fn(carry, xs_chunk) -> (carry, ys_chunk)`` takes time-major chunks of
+  ``chunk`` steps (the last may be shorter) and returns outputs with the same
+  leading axis; the outputs are concatenated back to T steps. For an ``fn``
+  that is causal in time (a scan, a per-step loss) the result is ``fn(carry,
+  xs)``, to rounding.
+
+  With ``remat`` (the point of it), each chunk runs under ``jax.checkpoint``:
+  the backward pass keeps only the carry at every chunk start and recomputes
+  one chunk's forward at a time, so the memory of reverse mode grows with
+  T/chunk carries plus ``chunk`` steps of activations, for one extra forward
+  pass. Put everything whose activations scale with T inside ``fn`` (the
+  input layer, the read-out and the loss, returning per-step losses): what
+  ``fn`` returns is kept at every step.
+
+  Args:
+    fn: ``(carry, xs_chunk) -> (carry, ys_chunk)``, pure and jit-able.
+    carry: the initial carry (any pytree).
+    xs: a pytree of arrays with a common leading axis T (``None`` leaves are
+      passed through as ``None``).
+    chunk: steps per chunk, >= 1. ``sqrt(T)`` balances the saved carries
+      against one chunk's activations.
+    remat: rematerialise each chunk in the backward pass.
+
+  Returns:
+    ``(carry, ys)``: the final carry and the outputs, [T, ...] per leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import seqjax
+    >>> cell = seqjax.cells.LSTM(hidden_size=8)
+    >>> params = cell.init(jax.random.key(0), input_size=4)
+    >>> xs = jnp.ones((100, 2, 4))                           # [T, B, D]
+    >>> def loss_chunk(carry, x):                           # per-step losses
+    ...   carry, ys = seqjax.scan(cell, params, x, carry, time_major=True)
+    ...   return carry, jnp.mean(ys ** 2, axis=-1)
+    >>> _, losses = chunked(loss_chunk, cell.initial_carry((2,)), xs, chunk=10)
+    >>> losses.shape
+    (100, 2)
+  """
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise ValueError(f"chunk must be a positive int (steps per chunk), got {chunk!r}")
+  leaves = jax.tree.leaves(xs)
+  if not leaves:
+    raise ValueError("chunked needs at least one array in xs")
+  t = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
+  if t is None or any(np.ndim(a) == 0 or np.shape(a)[0] != t for a in leaves):
+    raise ValueError(f"every array in xs must have the same leading (time) axis, got "
+                     f"shapes {_shape_str(xs)}")
+  body = jax.checkpoint(fn) if remat else fn
+  whole, rest = divmod(t, chunk)
+  outputs = []
+  if whole:
+    split = jax.tree.map(lambda a: a[:whole * chunk].reshape(
+        (whole, chunk) + a.shape[1:]), xs)
+    carry, ys = jax.lax.scan(body, carry, split)
+    outputs.append(jax.tree.map(lambda a: a.reshape((whole * chunk,) + a.shape[2:]), ys))
+  if rest:
+    carry, ys = body(carry, jax.tree.map(lambda a: a[whole * chunk:], xs))
+    outputs.append(ys)
+  if len(outputs) == 1:
+    return carry, outputs[0]
+  return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *outputs)
+
+
 def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse,
-           unroll, time_major):
+           unroll, time_major, remat):
   b, t, mask, resets, lengths = _check_inputs(
       cell, params, xs, carry, lengths, mask, resets, time_major)
+  if remat is not None and (isinstance(remat, bool) or remat < 1
+                            or not isinstance(remat, (int, np.integer))):
+    raise ValueError(f"remat must be None or a positive int (steps per rematerialised "
+                     f"chunk), got {remat!r}")
   if core == "associative" and not cell.is_linear:
     raise ValueError(
         f"method='associative' needs a linear cell (e.g. seqjax.cells.MinGRU); "
@@ -259,9 +336,15 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
   else:  # the loop carries the promoted dtype (e.g. a float32 carry, float64 model)
     carry = jax.tree.map(lambda c: jnp.asarray(c).astype(jnp.result_type(c, dtype)), carry)
   if fused:
-    carry, ys = cell.fused_scan(params, xp, carry, valid, resets)
+    def loop(carry, chunk):
+      return cell.fused_scan(params, chunk[0], carry, chunk[1], chunk[2])
   else:
-    carry, ys = _CORES[core](cell, params, xp, valid, resets, carry, init_carry, unroll)
+    def loop(carry, chunk):
+      return _CORES[core](cell, params, *chunk, carry, init_carry, unroll)
+  if remat is None:
+    carry, ys = loop(carry, (xp, valid, resets))
+  else:
+    carry, ys = chunked(loop, carry, (xp, valid, resets), chunk=remat)
   if reverse:
     ys = flip(ys)
   return carry, to_tm(ys)
@@ -283,6 +366,10 @@ _DRIVER_DOC = """
     reverse: run each sequence backwards within its length.
     unroll: loop unrolling factor of ``lax.scan`` (``scan`` only).
     time_major: ``xs``, ``mask``, ``resets`` and ``ys`` are time-major.
+    remat: None, or run in chunks of this many steps and recompute each
+      chunk's forward in the backward pass (see :func:`chunked`): memory for
+      T/remat carries and one chunk's activations, for one more forward pass.
+      The outputs ``ys`` are still kept for every step.
 
   Returns:
     ``(carry, ys)``: the final carry, and the outputs [B, T, H] (or [T, B, H]).
@@ -293,10 +380,10 @@ _DRIVER_DOC = """
 
 
 def scan(cell, params, xs, carry=None, *, lengths=None, mask=None, resets=None,
-         reverse=False, unroll=1, time_major=False):
+         reverse=False, unroll=1, time_major=False, remat=None):
   return _drive("scan", cell, params, xs, carry, lengths=lengths, mask=mask,
                 resets=resets, reverse=reverse, unroll=unroll,
-                time_major=time_major)
+                time_major=time_major, remat=remat)
 
 
 scan.__doc__ = """Runs ``cell`` over ``xs`` with ``jax.lax.scan``.
@@ -319,10 +406,10 @@ scan.__doc__ = """Runs ``cell`` over ``xs`` with ``jax.lax.scan``.
 
 
 def unroll(cell, params, xs, carry=None, *, lengths=None, mask=None, resets=None,
-           reverse=False, unroll=1, time_major=False):
+           reverse=False, unroll=1, time_major=False, remat=None):
   return _drive("unroll", cell, params, xs, carry, lengths=lengths, mask=mask,
                 resets=resets, reverse=reverse, unroll=unroll,
-                time_major=time_major)
+                time_major=time_major, remat=remat)
 
 
 unroll.__doc__ = """Runs ``cell`` over ``xs`` with a Python loop (fully unrolled).
@@ -344,10 +431,10 @@ unroll.__doc__ = """Runs ``cell`` over ``xs`` with a Python loop (fully unrolled
 
 
 def associative(cell, params, xs, carry=None, *, lengths=None, mask=None,
-                resets=None, reverse=False, unroll=1, time_major=False):
+                resets=None, reverse=False, unroll=1, time_major=False, remat=None):
   return _drive("associative", cell, params, xs, carry, lengths=lengths,
                 mask=mask, resets=resets, reverse=reverse, unroll=unroll,
-                time_major=time_major)
+                time_major=time_major, remat=remat)
 
 
 associative.__doc__ = """Runs a linear ``cell`` with ``jax.lax.associative_scan``.
@@ -369,7 +456,7 @@ associative.__doc__ = """Runs a linear ``cell`` with ``jax.lax.associative_scan`
 
 
 def run(cell, params, xs, carry=None, *, method="scan", lengths=None, mask=None,
-        resets=None, reverse=False, unroll=1, time_major=False):
+        resets=None, reverse=False, unroll=1, time_major=False, remat=None):
   """Runs ``cell`` over ``xs`` with the driver named by ``method``.
 
   Args:
@@ -386,12 +473,12 @@ def run(cell, params, xs, carry=None, *, method="scan", lengths=None, mask=None,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   return _drive(method, cell, params, xs, carry, lengths=lengths, mask=mask,
                 resets=resets, reverse=reverse, unroll=unroll,
-                time_major=time_major)
+                time_major=time_major, remat=remat)
 
 
 def bidirectional(cell, params, xs, carry=None, *, merge="concat", method="scan",
                   lengths=None, mask=None, resets=None, unroll=1,
-                  time_major=False):
+                  time_major=False, remat=None):
   """Runs ``cell`` forwards and backwards (within lengths) and merges the outputs.
 
   Args:
@@ -429,7 +516,7 @@ def bidirectional(cell, params, xs, carry=None, *, merge="concat", method="scan"
     raise ValueError(f"bidirectional carry must be a BidirectionalCarry, got "
                      f"{type(carry).__name__}")
   common = dict(method=method, lengths=lengths, mask=mask, resets=resets,
-                unroll=unroll, time_major=time_major)
+                unroll=unroll, time_major=time_major, remat=remat)
   carry_f, ys_f = run(cell, params["forward"], xs, carry.forward, **common)
   carry_b, ys_b = run(cell, params["backward"], xs, carry.backward, reverse=True,
                       **common)
@@ -462,7 +549,7 @@ def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
             bidirectional: bool = False, merge="concat", residual=False,
             dropout_rate=0.0, variational=False, weight_drop=0.0, dropout_key=None,
             method="scan", lengths=None, mask=None, resets=None, reverse=False,
-            unroll=1, time_major=False):
+            unroll=1, time_major=False, remat=None):
   """Runs layers of cells, each layer's outputs the next layer's inputs.
 
   Args:
@@ -523,7 +610,7 @@ def stacked(cells: Sequence[Any], params: Sequence[Any], xs, carry=None, *,
                  if use_weight_drop else None)
 
   common = dict(method=method, lengths=lengths, mask=mask, resets=resets,
-                unroll=unroll, time_major=time_major)
+                unroll=unroll, time_major=time_major, remat=remat)
   carries, x = [], xs
   for layer, (cell, p, c) in enumerate(zip(cells, params, carry)):
     if use_weight_drop:

@@ -1,6 +1,9 @@
 """Flax layers: same results as the drivers, stable parameter trees, dropout
 RNG plumbing, and use inside a larger linen model."""
 
+import functools
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,31 @@ def test_rnn_equals_driver(cell, reverse):
                          reverse=reverse, unroll=2)
   np.testing.assert_array_equal(ys, expected[1])
   jax.tree.map(np.testing.assert_array_equal, carry, expected[0])
+
+
+@pytest.mark.parametrize("layer", [
+    snn.RNN(cells.LSTM(H), remat=4),
+    snn.Bidirectional(cells.GRU(H), remat=4),
+    snn.StackedRNN((cells.LSTM(H), cells.LSTM(H)), remat=4)], ids=["rnn", "bidirectional", "stacked"])
+def test_remat_reaches_the_driver(layer):
+  """A layer with ``remat`` gives the values and gradients of the one without."""
+  xs = _xs(jnp.float64)
+  variables = layer.init(jax.random.key(1), xs)
+  plain = layer.clone(remat=None)
+
+  def loss(layer, variables):
+    _, ys = layer.apply(variables, xs, lengths=LENGTHS)
+    return jnp.sum(ys ** 2)
+
+  remat_value, remat_grads = jax.value_and_grad(loss, argnums=1)(layer, variables)
+  value, grads = jax.value_and_grad(loss, argnums=1)(plain, variables)
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)  # float32 parameters
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               remat_grads, grads)
+  # jax.checkpoint's primitive (its printed name differs between JAX versions)
+  count = lambda layer: len(re.findall(r"\b(?:remat2?|checkpoint)\[", str(
+      jax.make_jaxpr(functools.partial(loss, layer))(variables))))
+  assert count(plain) == 0 and count(layer) > 0
 
 
 @pytest.mark.parametrize("method", ["associative", "unroll"])

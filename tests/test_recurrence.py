@@ -2,6 +2,7 @@
 gradients; driver agreement; masking, reset and causality semantics;
 bidirectional and stacked; jit and recompilation; boundary errors."""
 
+import functools
 import subprocess
 import sys
 
@@ -30,6 +31,9 @@ DRIVERS = {
     "scan_unroll3": dict(method="scan", unroll=3),
     "unroll": dict(method="unroll"),
     "associative": dict(method="associative"),
+    # chunks of 4 over T=6: one whole chunk and a shorter last one
+    "scan_remat4": dict(method="scan", remat=4),
+    "associative_remat4": dict(method="associative", remat=4),
 }
 LENGTHS = np.array([6, 3, 1])
 MASK = np.array([[1, 1, 0, 1, 0, 1],
@@ -90,7 +94,12 @@ def loss_weights(cell, seed=7):
 
 # associative runs linear cells only (its error on others is tested below).
 CELL_DRIVERS = [(c, d) for c in CELLS for d in DRIVERS
-                if d != "associative" or CELLS[c].is_linear]
+                if not d.startswith("associative") or CELLS[c].is_linear]
+# Chunking sees the options only as arrays split along time: the options that
+# combine all of them (carry, lengths, mask, resets, reverse) cover it.
+REMAT_OPTIONS = ("plain", "all_forward", "all_reverse")
+CASES = [(c, d, o) for c, d in CELL_DRIVERS for o in OPTIONS
+         if "remat" not in d or o in REMAT_OPTIONS]
 
 
 def assert_grads_match_reference(jax_loss, ref_loss, point, directions=2):
@@ -115,8 +124,7 @@ def assert_grads_match_reference(jax_loss, ref_loss, point, directions=2):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("option", OPTIONS)
-@pytest.mark.parametrize("cell_name, driver", CELL_DRIVERS)
+@pytest.mark.parametrize("cell_name, driver, option", CASES)
 def test_driver_matches_reference(cell_name, driver, option):
   """Values and gradients of every driver and option equal the reference."""
   cell = CELLS[cell_name]
@@ -431,6 +439,70 @@ def test_weight_drop_needs_a_recurrent_matrix():
                    dropout_key=jax.random.key(1))
 
 
+# --------------------------------------------------------------------------
+# Rematerialisation: chunked runs of a whole model, loss included.
+
+
+def _chunk_model(cell):
+  """A small model run over time-major chunks: cell, read-out, per-step loss."""
+  def fn(params, carry, chunk):
+    xs, targets = chunk  # [K, B, D], [K, B]
+    carry, ys = seqjax.scan(cell, params["cell"], xs, carry, time_major=True)
+    logits = ys @ params["out"]  # [K, B, 5]
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return carry, jax.nn.logsumexp(logits, axis=-1) - chosen  # [K, B]
+  return fn
+
+
+@pytest.mark.parametrize("remat", [True, False])
+@pytest.mark.parametrize("chunk", [1, 4, 6, 7])
+@pytest.mark.parametrize("cell_name", ["lstm", "gru", "elman_tanh"])
+def test_chunked_equals_whole_sequence(cell_name, chunk, remat):
+  """Chunks (whole or with a shorter last one) give the unchunked values and gradients."""
+  cell = CELLS[cell_name]
+  cell_params, xs, carry = make_problem(cell)
+  params = {"cell": cell_params,
+            "out": jax.random.normal(jax.random.key(3), (H, 5), jnp.float64)}
+  xs = jnp.swapaxes(xs, 0, 1)  # [T, B, D]
+  targets = jax.random.randint(jax.random.key(4), (T, B), 0, 5)
+  fn = _chunk_model(cell)
+
+  def loss(params, xs, carry, chunked):
+    if chunked:
+      final, losses = seqjax.chunked(functools.partial(fn, params), carry, (xs, targets),
+                                     chunk=chunk, remat=remat)
+    else:
+      final, losses = fn(params, carry, (xs, targets))
+    return jnp.sum(losses * jnp.arange(1, T + 1)[:, None]) + sum(
+        jnp.sum(c) for c in jax.tree.leaves(final))
+
+  whole, chunked = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
+                            static_argnums=3).__call__(params, xs, carry, c)
+                    for c in (False, True))
+  chex.assert_trees_all_close(chunked, whole, rtol=1e-12, atol=1e-13)
+
+
+def test_remat_shrinks_the_memory_plan():
+  """XLA's buffer plan for the gradient keeps one chunk's activations, not every step's."""
+  cell = cells.LSTM(64)
+  params = cell.init(jax.random.key(0), 16)
+  xs = jnp.ones((2048, 4, 16), jnp.float32)
+
+  def temp_bytes(remat):
+    def loss(params, xs):
+      _, ys = seqjax.scan(cell, params, xs, time_major=True, remat=remat)
+      return jnp.sum(ys ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, xs).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  # Every step's saved activations: 7 [4, 64] float32 arrays a step, ~14.7 MB.
+  # With chunks of 64 steps: 32 saved carries and one chunk, plus ys and its
+  # cotangent (2 MB each), which are kept at every step either way.
+  full, remat = temp_bytes(None), temp_bytes(64)
+  assert full > 2048 * 7 * 4 * 64 * 4
+  assert remat < full / 4, (full, remat)
+
+
 @pytest.mark.parametrize("driver", ["scan", "unroll", "associative"])
 def test_jit_equals_eager(driver):
   cell = CELLS["mingru"] if driver == "associative" else CELLS["lstm"]
@@ -523,6 +595,19 @@ def test_dtype_flows_through_drivers():
     np.testing.assert_allclose(ys.astype(jnp.float64), ref, atol=tol)
 
 
+@pytest.mark.parametrize("remat", [None, 4])
+@pytest.mark.parametrize("cell_name", ["lstm", "gru", "elman_tanh"])
+def test_gradients_keep_the_parameters_dtype(cell_name, remat):
+  """float32 weights with float64 inputs: float32 weight gradients, float64 input ones."""
+  cell = CELLS[cell_name]
+  params, xs, _ = make_problem(cell, dtype=jnp.float32)
+  xs = xs.astype(jnp.float64)
+  loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, remat=remat)[1] ** 2)
+  grads, dxs = jax.grad(loss, argnums=(0, 1))(params, xs)
+  assert {k: g.dtype for k, g in grads.items()} == {k: jnp.float32 for k in params}
+  assert dxs.dtype == jnp.float64
+
+
 # --------------------------------------------------------------------------
 # Errors at the boundary: one clear ValueError at trace time, also under jit.
 
@@ -579,6 +664,16 @@ def _error_cases():
                       r"weight_drop must be in \[0, 1\), got -0.1"),
       "not_a_cell": (lambda: seqjax.scan(lambda c, x: (c, x), params, xs),
                      r"cell must be a seqjax cell"),
+      "remat_zero": (lambda: seqjax.scan(lstm, params, xs, remat=0),
+                     r"remat must be None or a positive int .* got 0"),
+      "remat_bool": (lambda: seqjax.run(lstm, params, xs, remat=True),
+                     r"remat must be None or a positive int .* got True"),
+      "chunk_zero": (lambda: seqjax.chunked(lambda c, x: (c, x), None, xs, chunk=0),
+                     r"chunk must be a positive int \(steps per chunk\), got 0"),
+      "chunked_axes": (lambda: seqjax.chunked(lambda c, x: (c, x), None, (xs, xs[:2]),
+                                              chunk=2),
+                       r"every array in xs must have the same leading \(time\) axis, got "
+                       r"shapes \(\(3, 6, 3\), \(2, 6, 3\)\)"),
   }
 
 

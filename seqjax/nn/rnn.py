@@ -49,6 +49,9 @@ class RNN(nn.Module):
     reverse: run each sequence backwards within its length.
     unroll: ``lax.scan`` unrolling factor.
     time_major: inputs and outputs are [T, B, ...].
+    remat: None, or recompute the forward in chunks of this many steps in
+      the backward pass (less memory for long sequences; see
+      :func:`seqjax.recurrence.chunked`).
     param_dtype: dtype of the parameters.
 
   Example:
@@ -69,6 +72,7 @@ class RNN(nn.Module):
   reverse: bool = False
   unroll: int = 1
   time_major: bool = False
+  remat: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -78,7 +82,7 @@ class RNN(nn.Module):
     return recurrence.run(self.cell, params, xs, carry, method=self.method,
                           lengths=lengths, mask=mask, resets=resets,
                           reverse=self.reverse, unroll=self.unroll,
-                          time_major=self.time_major)
+                          time_major=self.time_major, remat=self.remat)
 
 
 class Bidirectional(nn.Module):
@@ -106,6 +110,7 @@ class Bidirectional(nn.Module):
   method: str = "scan"
   unroll: int = 1
   time_major: bool = False
+  remat: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -117,7 +122,7 @@ class Bidirectional(nn.Module):
     return recurrence.bidirectional(
         self.cell, params, xs, carry, merge=self.merge, method=self.method,
         lengths=lengths, mask=mask, resets=resets, unroll=self.unroll,
-        time_major=self.time_major)
+        time_major=self.time_major, remat=self.remat)
 
 
 class StackedRNN(nn.Module):
@@ -163,6 +168,7 @@ class StackedRNN(nn.Module):
   reverse: bool = False
   unroll: int = 1
   time_major: bool = False
+  remat: int | None = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -185,4 +191,5 @@ class StackedRNN(nn.Module):
         variational=self.variational, weight_drop=self.weight_drop,
         dropout_key=self.make_rng("dropout") if use_dropout else None,
         method=self.method, lengths=lengths, mask=mask, resets=resets,
-        reverse=self.reverse, unroll=self.unroll, time_major=self.time_major)
+        reverse=self.reverse, unroll=self.unroll, time_major=self.time_major,
+        remat=self.remat)
