@@ -273,6 +273,12 @@ def chunked(fn, carry, xs, *, chunk: int, remat: bool = True):
                      f"shapes {_shape_str(xs)}")
   body = jax.checkpoint(fn) if remat else fn
   whole, rest = divmod(t, chunk)
+  # The carry takes the dtypes fn gives it (a float32 initial carry in a
+  # float64 model becomes float64), as the drivers' carries do.
+  first = jax.tree.map(lambda a: a[:min(chunk, t)], xs)
+  carry_out = jax.eval_shape(fn, carry, first)[0]
+  if jax.tree.structure(carry_out) == jax.tree.structure(carry):
+    carry = jax.tree.map(lambda c, o: jnp.asarray(c).astype(o.dtype), carry, carry_out)
   outputs = []
   if whole:
     split = jax.tree.map(lambda a: a[:whole * chunk].reshape(

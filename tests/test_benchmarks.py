@@ -138,3 +138,24 @@ def test_precision(tmp_path):
     assert all(0 < e < 0.1 for e in errors["gradients"].values())
   assert "bf16/f32" in out
   assert "| GRU | (q) B4 T16 D=H=8 | infer |" in out  # the README table
+
+
+def test_memory(tmp_path):
+  payload, out = _run("memory", tmp_path)
+  rows = payload["results"]
+  assert {(r["variant"], r["T"]) for r in rows} == {
+      (v, t) for v in ("stored", "remat") for t in payload["config"]["steps"]}
+  for r in rows:
+    plan = r["xla_plan_bytes"]
+    assert plan["total"] == plan["arguments"] + plan["outputs"] + plan["temporaries"] > 0
+    _spread(r["step_s"])
+    assert r["peak_rss_bytes"] >= r["rss_before_step_bytes"] > 0
+    assert math.isfinite(r["loss"])
+  # Same arithmetic: the same loss; at the longer T, a smaller plan with remat.
+  by = {(r["variant"], r["T"]): r for r in rows}
+  longest = max(payload["config"]["steps"])
+  assert by["remat", longest]["loss"] == pytest.approx(by["stored", longest]["loss"], rel=1e-5)
+  assert (by["remat", longest]["xla_plan_bytes"]["temporaries"]
+          < by["stored", longest]["xla_plan_bytes"]["temporaries"])
+  assert (tmp_path / "memory.png").stat().st_size > 1000
+  assert "| 256 |" in out  # the README table
