@@ -220,6 +220,11 @@ def _reversal_index(t: int, lengths: Array) -> Array:
   return jnp.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)
 
 
+def _is_positive_int(value) -> bool:
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and value >= 1)
+
+
 def chunked(fn, carry, xs, *, chunk: int, remat: bool = True):
   """Runs ``fn`` over consecutive chunks of the leading (time) axis of ``xs``.
 
@@ -262,7 +267,7 @@ def chunked(fn, carry, xs, *, chunk: int, remat: bool = True):
     >>> losses.shape
     (100, 2)
   """
-  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+  if not _is_positive_int(chunk):
     raise ValueError(f"chunk must be a positive int (steps per chunk), got {chunk!r}")
   leaves = jax.tree.leaves(xs)
   if not leaves:
@@ -297,8 +302,7 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
            unroll, time_major, remat):
   b, t, mask, resets, lengths = _check_inputs(
       cell, params, xs, carry, lengths, mask, resets, time_major)
-  if remat is not None and (isinstance(remat, bool) or remat < 1
-                            or not isinstance(remat, (int, np.integer))):
+  if remat is not None and not _is_positive_int(remat):
     raise ValueError(f"remat must be None or a positive int (steps per rematerialised "
                      f"chunk), got {remat!r}")
   if core == "associative" and not cell.is_linear:

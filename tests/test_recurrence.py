@@ -677,6 +677,8 @@ def _error_cases():
                      r"remat must be None or a positive int .* got 0"),
       "remat_bool": (lambda: seqjax.run(lstm, params, xs, remat=True),
                      r"remat must be None or a positive int .* got True"),
+      "remat_str": (lambda: seqjax.run(lstm, params, xs, remat="64"),
+                    r"remat must be None or a positive int .* got '64'"),
       "chunk_zero": (lambda: seqjax.chunked(lambda c, x: (c, x), None, xs, chunk=0),
                      r"chunk must be a positive int \(steps per chunk\), got 0"),
       "chunked_axes": (lambda: seqjax.chunked(lambda c, x: (c, x), None, (xs, xs[:2]),
