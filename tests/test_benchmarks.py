@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# Each runs a script in a subprocess (~1.5 min in all): CI runs them after the
+# default suite, with the other slow tests.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 ENVIRONMENT = {"date", "python", "platform", "cpu_count", "jax", "backend", "device"}

@@ -9,6 +9,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -34,6 +36,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
   assert test_command in ci_lines
 
 
+@pytest.mark.slow  # trains for ~20 s in a subprocess; CI runs it after the default suite
 def test_readme_main_command_trains_a_char_lm_and_samples(tmp_path):
   """README's first command, verbatim but for the install, the workdir and a shrunk
   training budget: it trains the char-LM on the embedded corpus and prints a sample."""
