@@ -58,6 +58,24 @@ def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
   return times
 
 
+def interleaved_rounds(runs: dict, tokens: int, rounds: int, calls: int) -> dict:
+  """Tokens/s of each of ``runs`` (name -> blocking call), round by round.
+
+  Every run is called twice first (compile, warm up). In each round every run
+  is timed ``calls`` times (its median counts), in an order that flips from
+  round to round, so a slow spell of the machine hits all of them alike.
+  Returns name -> one tokens/s per round.
+  """
+  for run in runs.values():
+    run()
+    run()
+  per_round = {name: [] for name in runs}
+  for r in range(rounds):
+    for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+      per_round[name].append(tokens / median(time_calls(runs[name], calls)))
+  return per_round
+
+
 def median(values) -> float:
   return float(statistics.median(values))
 

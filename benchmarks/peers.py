@@ -130,15 +130,7 @@ CONTENDERS = {"seqjax": seqjax_contender, "torch": torch_contender,
 def measure(cell_name, size_name, size, mode, contenders, rounds, calls):
   """Interleaved rounds; returns result rows (one per contender) and ratio rows."""
   runs = {name: CONTENDERS[name](cell_name, size, mode) for name in contenders}
-  for run in runs.values():  # compile and warm up
-    run()
-    run()
-  tokens = size["B"] * size["T"]
-  per_round = {name: [] for name in runs}
-  for r in range(rounds):
-    order = list(runs) if r % 2 == 0 else list(reversed(runs))
-    for name in order:
-      per_round[name].append(tokens / common.median(common.time_calls(runs[name], calls)))
+  per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
   key = dict(cell=cell_name, size=size_name, mode=mode, **size)
   rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps)
           for name, tps in per_round.items()]

@@ -46,14 +46,7 @@ def accuracy(cell_name, size) -> dict:
 def measure(cell_name, size_name, size, mode, rounds, calls):
   runs = {name: peers.seqjax_contender(cell_name, size, mode, matmul_dtype=dtype)
           for name, dtype in CONTENDERS.items()}
-  for run in runs.values():  # compile and warm up
-    run()
-    run()
-  tokens = size["B"] * size["T"]
-  per_round = {name: [] for name in runs}
-  for r in range(rounds):
-    for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-      per_round[name].append(tokens / common.median(common.time_calls(runs[name], calls)))
+  per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
   ratio = [b / f for b, f in zip(per_round["bfloat16"], per_round["float32"])]
   return dict(cell=cell_name, size=size_name, mode=mode, **size,
               tokens_per_s={name: common.spread(v) for name, v in per_round.items()},

@@ -80,15 +80,12 @@ def main(argv=None):
     fns["table_bf16"] = sampler(cells.LSTM(hidden, matmul_dtype="bfloat16"), "table",
                                 length, batch)
     for variant, fn in fns.items():
-      tokens[variant] = jax.block_until_ready(fn(params, jax.random.key(1)))  # compile
+      tokens[variant] = jax.block_until_ready(fn(params, jax.random.key(1)))
     agree = {v: float(jnp.mean(tokens["plain"] == t)) for v, t in tokens.items()}
-    timings = {v: [] for v in fns}
-    for _ in range(repeats):  # interleaved
-      for variant, fn in fns.items():
-        timings[variant] += common.time_calls(
-            lambda: jax.block_until_ready(fn(params, jax.random.key(1))), 1)
-    for variant, times in timings.items():
-      tps = [batch * length / t for t in times]
+    runs = {v: lambda fn=fn: jax.block_until_ready(fn(params, jax.random.key(1)))
+            for v, fn in fns.items()}
+    per_round = common.interleaved_rounds(runs, batch * length, repeats, 1)
+    for variant, tps in per_round.items():
       results.append(dict(variant=variant, batch=batch, length=length, H=hidden,
                           vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
                           same_tokens_as_plain=agree[variant]))

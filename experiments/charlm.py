@@ -30,8 +30,6 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
                                warmup_steps=50, clip_norm=1.0))
   config.train.update(dict(steps=800, log_every=50, eval_every=200, checkpoint_every=400))
   if quick:
-    config.data.update(dict(max_chars=20000, batch_size=4, window=16, eval_batch_size=2))
-    config.model.update(dict(hidden_size=16, embed_size=8))
-    config.optimizer.warmup_steps = 0  # the first step must move every parameter
+    charlm.shrink_for_tests(config)
     loop.quick_train(config)
   return config

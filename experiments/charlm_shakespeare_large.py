@@ -41,8 +41,6 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   # 5000 steps of 4096 characters: ~20 passes over the training text.
   config.train.update(dict(steps=5000, log_every=50, eval_every=500, checkpoint_every=1000))
   if quick:
-    config.data.update(dict(max_chars=20000, batch_size=4, window=16, eval_batch_size=2))
-    config.model.update(dict(hidden_size=16, embed_size=8))
-    config.optimizer.warmup_steps = 0  # the first step must move every parameter
+    charlm.shrink_for_tests(config)
     loop.quick_train(config)
   return config

@@ -65,6 +65,18 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
+def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
+  """Makes a char-LM experiment's config tiny (its ``get_config(quick=True)``).
+
+  A 20,000-character slice read in rows of 4 x 16, a 16-wide model, and no
+  learning-rate warm-up: the first step must move every parameter. The
+  experiment then shrinks its training with ``loop.quick_train``.
+  """
+  config.data.update(dict(max_chars=20000, batch_size=4, window=16, eval_batch_size=2))
+  config.model.update(dict(hidden_size=16, embed_size=8))
+  config.optimizer.warmup_steps = 0
+
+
 class CharLM(nn.Module):
   """See the module docstring; build it with :func:`create`.
 
