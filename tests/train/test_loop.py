@@ -52,6 +52,7 @@ def _wait_for_checkpoint(workdir, proc, timeout=120):
   raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow  # ~40 s, three training processes: CI runs it in the slow pass
 def test_killed_run_resumes_to_the_same_params_bit_for_bit(tmp_path):
   args = ["train", "copy_memory", "--quick", *OVERRIDES, "--config.train.steps=1500",
           "--config.train.checkpoint_every=100"]
@@ -140,6 +141,7 @@ def _stream_config(steps):
   return config
 
 
+@pytest.mark.slow  # ~30 s: CI runs it in the slow pass
 def test_stream_training_carries_state_and_resumes_exactly(tmp_path, monkeypatch):
   monkeypatch.setitem(data_lib.SOURCES, "test_stream", _stream_source)
   straight = loop.train_and_evaluate(_stream_config(12), tmp_path / "a", log=print)

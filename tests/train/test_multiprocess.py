@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from seqjax.train import checkpoint, loop
 
@@ -38,6 +39,7 @@ def _params(workdir):
   return step, ckpt.restore(run.restore_target(run.initial_state()))[1]["params"]
 
 
+@pytest.mark.slow  # ~20 s, two JAX processes: CI runs it in the slow pass
 def test_two_processes_equal_one(tmp_path):
   address = f"127.0.0.1:{_free_port()}"
   # Process 1 takes its settings from the environment, process 0 from flags.
