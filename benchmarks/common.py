@@ -76,6 +76,22 @@ def interleaved_rounds(runs: dict, tokens: int, rounds: int, calls: int) -> dict
   return per_round
 
 
+def matmul_peak_run(n: int) -> Callable[[], object]:
+  """A blocking call of a jitted float32 n x n x n XLA matmul (2 n^3 FLOPs).
+
+  Timed in the same rounds as a benchmark's contenders, it gives the
+  machine's measured matmul peak beside them (the speed issue's yardstick:
+  n = 2048).
+  """
+  import jax  # noqa: PLC0415 - after the caller has set up its environment
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  a = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(3), (n, n), jnp.float32)
+  fn = jax.jit(jnp.matmul)
+  return lambda: fn(a, b).block_until_ready()
+
+
 def median(values) -> float:
   return float(statistics.median(values))
 

@@ -16,6 +16,14 @@ the JAX backend, ``train_on_batch``/``predict_on_batch``). Rounds interleave the
 contenders; each round records the median of a few calls per contender. The
 JSON holds tokens/s per round, their median, and paired ratios (seqjax's
 throughput over each peer's, round by round) with their spread.
+
+Each group's rounds also time a float32 2048x2048x2048 matmul in XLA (the
+machine's measured matmul peak, as the speed issue defines it), so every
+contender's matmul rate is also given as a paired fraction of that peak. The
+FLOPs counted per token are the layer's matmuls only: 2 (D + H) G H forward
+(G = 4 gates for the LSTM, 3 for the GRU), three times that for training (the
+forward, the input and carry gradients, the weight gradients); the gate
+arithmetic is not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +48,14 @@ QUICK_SIZES = {"q": dict(B=4, T=16, D=8, H=8)}
 CELLS = ("lstm", "gru")
 MODES = ("train", "infer")
 LR = 0.01
+PEAK_N, QUICK_PEAK_N = 2048, 64  # the peak matmul's size: N x N times N x N
+GATES = {"lstm": 4, "gru": 3}
+
+
+def flops_per_token(cell_name, size, mode):
+  """Matmul FLOPs per token of the layer: 2 (D + H) G H, x3 for training."""
+  forward = 2 * (size["D"] + size["H"]) * GATES[cell_name] * size["H"]
+  return forward * (3 if mode == "train" else 1)
 
 
 def _sgd_jax(loss):
@@ -127,13 +143,22 @@ CONTENDERS = {"seqjax": seqjax_contender, "torch": torch_contender,
               "flax": flax_contender, "keras": keras_contender}
 
 
-def measure(cell_name, size_name, size, mode, contenders, rounds, calls):
-  """Interleaved rounds; returns result rows (one per contender) and ratio rows."""
+def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n):
+  """Interleaved rounds; returns result rows (one per contender), ratio rows
+  and the peak row (the matmul timed in the same rounds)."""
   runs = {name: CONTENDERS[name](cell_name, size, mode) for name in contenders}
-  per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
+  runs["peak"] = common.matmul_peak_run(peak_n)
+  tokens = size["B"] * size["T"]
+  per_round = common.interleaved_rounds(runs, tokens, rounds, calls)
+  # The peak run's "tokens/s" is calls/s times `tokens`: back to FLOP/s.
+  peak = [x / tokens * 2 * peak_n ** 3 for x in per_round.pop("peak")]
+  flops = flops_per_token(cell_name, size, mode)
   key = dict(cell=cell_name, size=size_name, mode=mode, **size)
-  rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps)
+  rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps,
+               gflops=common.spread([x * flops / 1e9 for x in tps]),
+               fraction_of_peak=common.spread([x * flops / p for x, p in zip(tps, peak)]))
           for name, tps in per_round.items()]
+  rows.append(dict(key, peak_matmul=peak_n, gflops=common.spread([p / 1e9 for p in peak])))
   ratios = [dict(key, vs=name, ratio=common.spread(
                  [a / b for a, b in zip(per_round["seqjax"], per_round[name])]))
             for name in per_round if name != "seqjax" and "seqjax" in per_round]
@@ -141,14 +166,16 @@ def measure(cell_name, size_name, size, mode, contenders, rounds, calls):
 
 
 def markdown(results) -> str:
-  """The README table: tokens/s medians and seqjax's paired ratio to each peer."""
+  """The README table: tokens/s medians, seqjax's paired ratio to each peer,
+  and seqjax's and torch's matmul rate as a fraction of the measured peak."""
   rows = [r for r in results if "contender" in r]
   ratios = {(r["cell"], r["size"], r["mode"], r["vs"]): r["ratio"] for r in results
             if "vs" in r}
   peers = [c for c in CONTENDERS if c != "seqjax"]
   head = ("| cell | size | mode | seqjax tok/s | "
-          + " | ".join(f"{p} tok/s (seqjax ×)" for p in peers) + " |")
-  lines = [head, "|" + "---|" * (4 + len(peers))]
+          + " | ".join(f"{p} tok/s (seqjax ×)" for p in peers)
+          + " | % of matmul peak: seqjax, torch |")
+  lines = [head, "|" + "---|" * (5 + len(peers))]
   keys = sorted({(r["cell"], r["size"], r["mode"]) for r in rows})
   for cell_name, size_name, mode in keys:
     by = {r["contender"]: r for r in rows
@@ -163,6 +190,9 @@ def markdown(results) -> str:
                       f"({ratio['median']:.2f}, {ratio['min']:.2f}–{ratio['max']:.2f})")
       else:
         cellsx.append("—")
+    cellsx.append(", ".join(f"{by[c]['fraction_of_peak']['median']:.0%}"
+                            if c in by and "fraction_of_peak" in by[c] else "—"
+                            for c in ("seqjax", "torch")))
     lines.append(f"| {cell_name.upper()} | {label} | {mode} | " + " | ".join(cellsx) + " |")
   return "\n".join(lines)
 
@@ -184,17 +214,22 @@ def main(argv=None):
   if args.sizes:
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
+  peak_n = QUICK_PEAK_N if args.quick else PEAK_N
   contenders = args.contenders.split(",")
   results = []
   for cell_name in args.cells.split(","):
     for size_name, size in sizes.items():
       for mode in args.modes.split(","):
-        rows, ratios = measure(cell_name, size_name, size, mode, contenders, rounds, calls)
+        rows, ratios = measure(cell_name, size_name, size, mode, contenders, rounds, calls,
+                               peak_n)
         results += rows + ratios
-        summary = ", ".join(f"{r['contender']} {r['tokens_per_s']['median'] / 1e3:.1f}k"
-                            for r in rows)
-        print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s", flush=True)
-  config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR)
+        summary = ", ".join(
+            f"{r['contender']} {r['tokens_per_s']['median'] / 1e3:.1f}k "
+            f"({r['fraction_of_peak']['median']:.0%})" for r in rows if "contender" in r)
+        print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
+              f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
+  config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
+                peak_matmul=peak_n)
   common.write(args.out, "peers", config, results)
   print(common.readme_table("peers", markdown, results, update=args.update_readme))
 

@@ -18,6 +18,13 @@ feeding each sample back. Two samplers are compared:
 ``plain`` and ``table`` draw the same tokens from the same key (checked), so
 their difference is speed alone; ``table_bf16`` rounds, so its tokens drift
 from theirs (the fraction that agree is reported).
+
+The bounds, measured in the same rounds: a float32 2048^3 XLA matmul gives
+the matmul peak, and each row reports its matmul GFLOP/s (the step's matmuls:
+2 H 4H recurrent, 2 H V read-out, and 2 E 4H input projection for ``plain``)
+as a fraction of it; at batch 64 that is the limit. At batch 1 every token
+reads all the weights once, so each row also reports the weight bytes read
+per second (``weight_gb_per_s``): a rate of memory, not of arithmetic.
 """
 
 from __future__ import annotations
@@ -29,6 +36,17 @@ import jax.numpy as jnp
 from seqjax import cells
 
 VOCAB, EMBED, HIDDEN, LENGTH = 65, 64, 512, 1000
+PEAK_N, QUICK_PEAK_N = 2048, 64
+
+
+def cost_per_token(variant, hidden, vocab, embed):
+  """(matmul FLOPs, weight bytes read) per sampled token."""
+  recurrent, readout, projection = hidden * 4 * hidden, hidden * vocab, embed * 4 * hidden
+  flops = 2 * (recurrent + readout + (projection if variant == "plain" else 0))
+  recurrent_bytes = 2 if variant == "table_bf16" else 4  # bf16 weights: 2 bytes each
+  weight_bytes = (recurrent * recurrent_bytes + readout * 4
+                  + (projection * 4 if variant == "plain" else 0))
+  return flops, weight_bytes
 
 
 def make_model(hidden, vocab, embed):
@@ -72,6 +90,7 @@ def main(argv=None):
     hidden, length, batches, repeats = 16, 20, (1, 4), 2
   else:
     hidden, length, batches, repeats = HIDDEN, LENGTH, (1, 64), args.repeats
+  peak_n = QUICK_PEAK_N if args.quick else PEAK_N
   cell, params = make_model(hidden, VOCAB, EMBED)
   results = []
   for batch in batches:
@@ -84,15 +103,28 @@ def main(argv=None):
     agree = {v: float(jnp.mean(tokens["plain"] == t)) for v, t in tokens.items()}
     runs = {v: lambda fn=fn: jax.block_until_ready(fn(params, jax.random.key(1)))
             for v, fn in fns.items()}
+    runs["peak"] = common.matmul_peak_run(peak_n)
     per_round = common.interleaved_rounds(runs, batch * length, repeats, 1)
+    # The peak run's "tokens/s" is calls/s times batch * length: back to FLOP/s.
+    peak = [x / (batch * length) * 2 * peak_n ** 3 for x in per_round.pop("peak")]
+    results.append(dict(batch=batch, peak_matmul=peak_n,
+                        gflops=common.spread([p / 1e9 for p in peak])))
     for variant, tps in per_round.items():
-      results.append(dict(variant=variant, batch=batch, length=length, H=hidden,
-                          vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
-                          same_tokens_as_plain=agree[variant]))
-      print(f"batch {batch} {variant}: {common.median(tps) / 1e3:.1f}k tokens/s "
+      flops, weight_bytes = cost_per_token(variant, hidden, VOCAB, EMBED)
+      row = dict(variant=variant, batch=batch, length=length, H=hidden,
+                 vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
+                 same_tokens_as_plain=agree[variant],
+                 gflops=common.spread([x * flops / 1e9 for x in tps]),
+                 fraction_of_peak=common.spread([x * flops / p for x, p in zip(tps, peak)]),
+                 weight_gb_per_s=common.spread([x * weight_bytes / 1e9 for x in tps]))
+      results.append(row)
+      print(f"batch {batch} {variant}: {common.median(tps) / 1e3:.1f}k tokens/s, "
+            f"{row['fraction_of_peak']['median']:.0%} of the matmul peak "
+            f"({common.median(peak) / 1e9:.0f} GFLOP/s), weights read at "
+            f"{row['weight_gb_per_s']['median']:.0f} GB/s "
             f"(same tokens as plain: {agree[variant]:.3f})", flush=True)
   config = dict(H=hidden, vocab=VOCAB, embed=EMBED, length=length, batches=batches,
-                repeats=repeats)
+                repeats=repeats, peak_matmul=peak_n)
   common.write(args.out, "sampling", config, results)
 
 

@@ -55,11 +55,23 @@ def test_peers(tmp_path):
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
   for r in rows:
     _spread(r["tokens_per_s"])
+    _spread(r["gflops"])
+    _spread(r["fraction_of_peak"])
     assert len(r["rounds"]) == payload["config"]["rounds"]
+  # The matmul peak is timed in every group's rounds; the row's GFLOP/s is
+  # tokens/s times the layer's matmul FLOPs per token.
+  peaks = [r for r in payload["results"] if "peak_matmul" in r]
+  assert len(peaks) == 4 and all(r["peak_matmul"] == 64 for r in peaks)
+  for r in peaks:
+    _spread(r["gflops"])
+  lstm_train = next(r for r in rows if r["cell"] == "lstm" and r["mode"] == "train")
+  assert lstm_train["gflops"]["median"] == pytest.approx(
+      lstm_train["tokens_per_s"]["median"] * 3 * 2 * (8 + 8) * 4 * 8 / 1e9)
   assert len(ratios) == 3 * 4  # three peers, for each cell and mode
   for r in ratios:
     _spread(r["ratio"])
   assert "| LSTM | (q) B4 T16 D=H=8 | train |" in out  # the README table
+  assert "% of matmul peak: seqjax, torch |" in out
 
 
 def test_peers_table_replaces_only_its_block(tmp_path):
@@ -91,14 +103,28 @@ def test_scan_vs_unroll(tmp_path):
 
 def test_sampling(tmp_path):
   payload, _ = _run("sampling", tmp_path)
-  rows = payload["results"]
+  rows = [r for r in payload["results"] if "variant" in r]
+  batches = payload["config"]["batches"]
   assert {(r["variant"], r["batch"]) for r in rows} == {
-      (v, b) for v in ("plain", "table", "table_bf16") for b in payload["config"]["batches"]}
+      (v, b) for v in ("plain", "table", "table_bf16") for b in batches}
   for r in rows:
-    _spread(r["tokens_per_s"])
+    for key in ("tokens_per_s", "gflops", "fraction_of_peak", "weight_gb_per_s"):
+      _spread(r[key])
     assert 0.0 <= r["same_tokens_as_plain"] <= 1.0
     if r["variant"] == "table":  # the same computation, reordered
       assert r["same_tokens_as_plain"] == 1.0
+  peaks = [r for r in payload["results"] if "peak_matmul" in r]
+  assert sorted(r["batch"] for r in peaks) == sorted(batches)
+  for r in peaks:
+    _spread(r["gflops"])
+  # plain multiplies by the input projection too; table gathers a row instead.
+  plain, table = (next(r for r in rows if r["variant"] == v and r["batch"] == 1)
+                  for v in ("plain", "table"))
+  h, e, v = plain["H"], plain["embed"], plain["vocab"]
+  assert plain["gflops"]["median"] == pytest.approx(
+      plain["tokens_per_s"]["median"] * 2 * (4 * h * h + h * v + 4 * e * h) / 1e9)
+  assert table["gflops"]["median"] == pytest.approx(
+      table["tokens_per_s"]["median"] * 2 * (4 * h * h + h * v) / 1e9)
 
 
 def test_vanishing_gradients(tmp_path):
