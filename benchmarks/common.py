@@ -92,6 +92,13 @@ def matmul_peak_run(n: int) -> Callable[[], object]:
   return lambda: fn(a, b).block_until_ready()
 
 
+def pop_peak(per_round: dict, tokens: int, n: int, name: str = "peak") -> list[float]:
+  """Removes the :func:`matmul_peak_run` entry ``name`` from the result of
+  :func:`interleaved_rounds` and returns its FLOP/s, one per round (its
+  "tokens/s" there is calls/s times ``tokens``)."""
+  return [x / tokens * 2 * n ** 3 for x in per_round.pop(name)]
+
+
 def median(values) -> float:
   return float(statistics.median(values))
 

@@ -150,8 +150,7 @@ def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n)
   runs["peak"] = common.matmul_peak_run(peak_n)
   tokens = size["B"] * size["T"]
   per_round = common.interleaved_rounds(runs, tokens, rounds, calls)
-  # The peak run's "tokens/s" is calls/s times `tokens`: back to FLOP/s.
-  peak = [x / tokens * 2 * peak_n ** 3 for x in per_round.pop("peak")]
+  peak = common.pop_peak(per_round, tokens, peak_n)  # FLOP/s per round
   flops = flops_per_token(cell_name, size, mode)
   key = dict(cell=cell_name, size=size_name, mode=mode, **size)
   rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps,

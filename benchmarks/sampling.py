@@ -105,8 +105,7 @@ def main(argv=None):
             for v, fn in fns.items()}
     runs["peak"] = common.matmul_peak_run(peak_n)
     per_round = common.interleaved_rounds(runs, batch * length, repeats, 1)
-    # The peak run's "tokens/s" is calls/s times batch * length: back to FLOP/s.
-    peak = [x / (batch * length) * 2 * peak_n ** 3 for x in per_round.pop("peak")]
+    peak = common.pop_peak(per_round, batch * length, peak_n)  # FLOP/s per round
     results.append(dict(batch=batch, peak_matmul=peak_n,
                         gflops=common.spread([p / 1e9 for p in peak])))
     for variant, tps in per_round.items():
