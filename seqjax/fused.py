@@ -53,10 +53,19 @@ def matmul(a, w, dtype=None, out_dtype=None):
   return jnp.matmul(a.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
 
 
-def _einsum(spec, a, b, dtype, out_dtype):
-  if dtype is None:
-    return jnp.einsum(spec, a, b)
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out_dtype)
+def _outer_sum(a, b, dtype, out_dtype):
+  """``sum_t a_t^T b_t`` over every leading index: ``[..., m] x [..., n] -> [m, n]``.
+
+  One 2-D matmul over the flattened rows. (The same product written as the
+  einsum ``tbm,tbn->mn``, two contracting dimensions, ran 1.1-2x slower on
+  XLA:CPU: 50 against 98 GFLOP/s at T=1024, B=16, 128 x 512.)
+  """
+  a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+  if dtype is not None:
+    a, b = a.astype(dtype), b.astype(dtype)
+  else:
+    out_dtype = None  # the operands' own promotion, as for ``a.T @ b``
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
 
 
 def _like(grads, params):
@@ -163,8 +172,8 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
   (dh0, dc0), dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets),
                                 reverse=True)  # dz [T, B, 4H]
   # The weight and input gradients: one large matmul each, over every step.
-  grads = {"w_x": _einsum("tbd,tbg->dg", xs, dz, matmul_dtype, w_x.dtype),
-           "w_h": _einsum("tbh,tbg->hg", hs, dz, matmul_dtype, w_h.dtype),
+  grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype),
+           "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dz, axis=(0, 1))}
   dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
   return _like(grads, params), dxs, dh0, dc0, None, None
@@ -259,8 +268,8 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]
-  grads = {"w_x": _einsum("tbd,tbg->dg", xs, dxp, matmul_dtype, w_x.dtype),
-           "w_h": _einsum("tbh,tbg->hg", hs, dhw, matmul_dtype, w_h.dtype),
+  grads = {"w_x": _outer_sum(xs, dxp, matmul_dtype, w_x.dtype),
+           "w_h": _outer_sum(hs, dhw, matmul_dtype, w_h.dtype),
            "b": jnp.sum(dxp, axis=(0, 1)),
            "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
   return (_like(grads, params), matmul(dxp, w_x.T, matmul_dtype, xs.dtype), dh0, None,
