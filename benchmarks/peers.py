@@ -28,6 +28,7 @@ arithmetic is not counted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -104,24 +105,40 @@ def flax_contender(cell_name, size, mode):
   return run
 
 
-def torch_contender(cell_name, size, mode):
+def torch_module(cell_name, size):
+  """torch's ``nn.LSTM``/``nn.GRU`` (seed 0) and a batch of inputs (seed 0)."""
   import torch  # noqa: PLC0415
   torch.set_num_threads(common.environment()["cpu_count"])
   torch.manual_seed(0)
   module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name](
       size["D"], size["H"], batch_first=True)
-  xs = torch.randn(size["B"], size["T"], size["D"])
+  return module, torch.randn(size["B"], size["T"], size["D"])
+
+
+def torch_forward(module, xs, autocast=None):
+  """``module(xs)``'s outputs in float32; with ``autocast`` (``"bfloat16"``),
+  run under ``torch.autocast("cpu", dtype=...)``, torch's mixed precision."""
+  import torch  # noqa: PLC0415
+  context = (contextlib.nullcontext() if autocast is None
+             else torch.autocast("cpu", dtype=getattr(torch, autocast)))
+  with context:
+    ys, _ = module(xs)
+  return ys.float()
+
+
+def torch_contender(cell_name, size, mode, autocast=None):
+  import torch  # noqa: PLC0415
+  module, xs = torch_module(cell_name, size)
   if mode == "infer":
     def infer():
       with torch.inference_mode():
-        module(xs)
+        torch_forward(module, xs, autocast)
     return infer
   optimizer = torch.optim.SGD(module.parameters(), lr=LR)
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    ys, _ = module(xs)
-    (ys ** 2).mean().backward()
+    (torch_forward(module, xs, autocast) ** 2).mean().backward()
     optimizer.step()
   return run
 

@@ -4,13 +4,17 @@
     python benchmarks/precision.py --quick --out /tmp/precision.json
     python benchmarks/precision.py --table-from benchmarks/results/precision.json   # README only
 
-Both contenders are ``seqjax.scan`` on float32 parameters and inputs; one has
-``matmul_dtype="bfloat16"`` (operands rounded to bfloat16, products
-accumulated in float32; see ``seqjax.cells``). Speed: the training step
-(forward, backward, SGD on mean(ys²)) and inference of ``benchmarks/peers.py``,
-in interleaved rounds, as tokens/s and the paired ratio bf16 / f32. Accuracy:
-at each size, the relative error (‖bf16 − f32‖ / ‖f32‖) of the outputs and of
-every parameter's gradient.
+The seqjax contenders are ``seqjax.scan`` on float32 parameters and inputs;
+one has ``matmul_dtype="bfloat16"`` (operands rounded to bfloat16, products
+accumulated in float32; see ``seqjax.cells``). torch's ``nn.LSTM``/``nn.GRU``
+runs in the same rounds, in float32 and under ``torch.autocast("cpu",
+dtype=torch.bfloat16)`` (oneDNN's bfloat16 RNN), so bfloat16 is compared with
+bfloat16. Speed: the training step (forward, backward, SGD on mean(ys²)) and
+inference of ``benchmarks/peers.py``, in interleaved rounds, as tokens/s and
+the paired ratios seqjax bf16 / f32, seqjax bf16 / torch bf16 and torch bf16 /
+f32. Accuracy: at each size, the relative error (‖bf16 − f32‖ / ‖f32‖) of the
+outputs and of every parameter's gradient, for each library against its own
+float32.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import common
 import jax
 import jax.numpy as jnp
+import numpy as np
 import peers
 
 import seqjax
 from seqjax import cells
 
-CONTENDERS = {"float32": None, "bfloat16": "bfloat16"}
+CONTENDERS = {"float32": None, "bfloat16": "bfloat16"}  # seqjax's matmul_dtype
+TORCH = {"torch_float32": None, "torch_bfloat16": "bfloat16"}  # torch's autocast dtype
 
 
 def accuracy(cell_name, size) -> dict:
@@ -37,33 +43,64 @@ def accuracy(cell_name, size) -> dict:
     loss = lambda p, cell=cell: jnp.mean(seqjax.scan(cell, p, xs)[1] ** 2)
     ys = jax.jit(lambda p, cell=cell: seqjax.scan(cell, p, xs)[1])(params)
     results[name] = (ys, jax.jit(jax.grad(loss))(params))
-  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  (ys_bf, g_bf), (ys_32, g_32) = results["bfloat16"], results["float32"]
-  return {"outputs": rel(ys_bf, ys_32),
-          "gradients": {k: rel(g_bf[k], g_32[k]) for k in sorted(g_32)}}
+  return _relative_errors(results["bfloat16"], results["float32"])
+
+
+def _relative_errors(low, full) -> dict:
+  """‖low − full‖ / ‖full‖ of the outputs and of each gradient; ``low`` and
+  ``full`` are (outputs, {name: gradient}) as NumPy-convertible arrays."""
+  rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                           / np.linalg.norm(np.asarray(b, np.float64)))
+  (ys_low, g_low), (ys_full, g_full) = low, full
+  return {"outputs": rel(ys_low, ys_full),
+          "gradients": {k: rel(g_low[k], g_full[k]) for k in sorted(g_full)}}
+
+
+def torch_accuracy(cell_name, size) -> dict:
+  """Relative errors of torch's bfloat16 autocast against its float32, as above."""
+  results = {}
+  for name, autocast in TORCH.items():
+    module, xs = peers.torch_module(cell_name, size)
+    ys = peers.torch_forward(module, xs, autocast)
+    (ys ** 2).mean().backward()
+    results[name] = (ys.detach().numpy(),
+                     {k: p.grad.numpy() for k, p in module.named_parameters()})
+  return _relative_errors(results["torch_bfloat16"], results["torch_float32"])
 
 
 def measure(cell_name, size_name, size, mode, rounds, calls):
   runs = {name: peers.seqjax_contender(cell_name, size, mode, matmul_dtype=dtype)
           for name, dtype in CONTENDERS.items()}
+  runs.update({name: peers.torch_contender(cell_name, size, mode, autocast=dtype)
+               for name, dtype in TORCH.items()})
   per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
-  ratio = [b / f for b, f in zip(per_round["bfloat16"], per_round["float32"])]
+  ratio = lambda a, b: common.spread([x / y for x, y in zip(per_round[a], per_round[b])])
   return dict(cell=cell_name, size=size_name, mode=mode, **size,
               tokens_per_s={name: common.spread(v) for name, v in per_round.items()},
-              speedup=common.spread(ratio))
+              speedup=ratio("bfloat16", "float32"),
+              vs_torch_bfloat16=ratio("bfloat16", "torch_bfloat16"),
+              torch_speedup=ratio("torch_bfloat16", "torch_float32"))
 
 
 def markdown(results) -> str:
-  """The README table: tokens/s of both precisions, their paired ratio, bf16's error."""
-  lines = ["| cell | size | mode | float32 tok/s | bfloat16 tok/s | bf16 / f32 (range) "
-           "| error: outputs | error: worst gradient |", "|" + "---|" * 8]
+  """The README table: tokens/s of both precisions and their paired ratio,
+  seqjax's and torch's; seqjax bf16 against torch bf16; each one's bf16 error
+  (outputs, worst gradient)."""
+  lines = ["| cell | size | mode | seqjax f32 tok/s | seqjax bf16 tok/s | bf16 / f32 (range) "
+           "| torch f32 tok/s | torch bf16 tok/s (seqjax bf16 ×) | torch bf16 / f32 "
+           "| bf16 error, seqjax: outputs, worst gradient | torch: outputs, worst gradient |",
+           "|" + "---|" * 11]
+  inline = lambda x: f"{x['median']:.2f}, {x['min']:.2f}–{x['max']:.2f}"
+  spread = lambda x: f"{x['median']:.2f} ({x['min']:.2f}–{x['max']:.2f})"
+  errors = lambda e: f"{e['outputs']:.1e}, {max(e['gradients'].values()):.1e}"
   for r in sorted(results, key=lambda r: (r["cell"], r["size"], r["mode"])):
-    tps, ratio, errors = r["tokens_per_s"], r["speedup"], r["relative_error"]
+    tps = {k: f"{v['median'] / 1e3:.1f}k" for k, v in r["tokens_per_s"].items()}
     lines.append(
         f"| {r['cell'].upper()} | ({r['size']}) B{r['B']} T{r['T']} D=H={r['H']} | {r['mode']} "
-        f"| {tps['float32']['median'] / 1e3:.1f}k | {tps['bfloat16']['median'] / 1e3:.1f}k "
-        f"| {ratio['median']:.2f} ({ratio['min']:.2f}–{ratio['max']:.2f}) "
-        f"| {errors['outputs']:.1e} | {max(errors['gradients'].values()):.1e} |")
+        f"| {tps['float32']} | {tps['bfloat16']} | {spread(r['speedup'])} "
+        f"| {tps['torch_float32']} | {tps['torch_bfloat16']} ({inline(r['vs_torch_bfloat16'])}) "
+        f"| {spread(r['torch_speedup'])} "
+        f"| {errors(r['relative_error'])} | {errors(r['torch_relative_error'])} |")
   return "\n".join(lines)
 
 
@@ -81,17 +118,21 @@ def main(argv=None):
   results = []
   for cell_name in peers.CELLS:
     for size_name, size in sizes.items():
-      errors = accuracy(cell_name, size)
+      errors, torch_errors = accuracy(cell_name, size), torch_accuracy(cell_name, size)
       for mode in peers.MODES:
         row = measure(cell_name, size_name, size, mode, rounds, calls)
-        row["relative_error"] = errors
+        row["relative_error"], row["torch_relative_error"] = errors, torch_errors
         results.append(row)
-        tps = row["tokens_per_s"]
-        print(f"{cell_name} ({size_name}) {mode}: f32 {tps['float32']['median'] / 1e3:.1f}k, "
-              f"bf16 {tps['bfloat16']['median'] / 1e3:.1f}k tokens/s, bf16/f32 "
+        tps = {k: v["median"] / 1e3 for k, v in row["tokens_per_s"].items()}
+        print(f"{cell_name} ({size_name}) {mode}: f32 {tps['float32']:.1f}k, "
+              f"bf16 {tps['bfloat16']:.1f}k tokens/s, bf16/f32 "
               f"{row['speedup']['median']:.2f} ({row['speedup']['min']:.2f}–"
-              f"{row['speedup']['max']:.2f}); error: outputs {errors['outputs']:.1e}, "
-              f"gradients <= {max(errors['gradients'].values()):.1e}", flush=True)
+              f"{row['speedup']['max']:.2f}); torch f32 {tps['torch_float32']:.1f}k, bf16 "
+              f"{tps['torch_bfloat16']:.1f}k; seqjax bf16 / torch bf16 "
+              f"{row['vs_torch_bfloat16']['median']:.2f}; error: outputs "
+              f"{errors['outputs']:.1e}, gradients <= {max(errors['gradients'].values()):.1e} "
+              f"(torch: {torch_errors['outputs']:.1e}, "
+              f"{max(torch_errors['gradients'].values()):.1e})", flush=True)
   common.write(args.out, "precision", dict(sizes=sizes, rounds=rounds, calls=calls), results)
   print(common.readme_table("precision", markdown, results, update=args.update_readme))
 

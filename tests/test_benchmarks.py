@@ -160,14 +160,20 @@ def test_precision(tmp_path):
   assert {(r["cell"], r["mode"]) for r in payload["results"]} == {
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
   for r in payload["results"]:
-    assert set(r["tokens_per_s"]) == {"float32", "bfloat16"}
+    assert set(r["tokens_per_s"]) == {"float32", "bfloat16", "torch_float32", "torch_bfloat16"}
     for s in r["tokens_per_s"].values():
       _spread(s)
-    _spread(r["speedup"])
+    for ratio in ("speedup", "vs_torch_bfloat16", "torch_speedup"):
+      _spread(r[ratio])
     errors = r["relative_error"]
     assert 0 < errors["outputs"] < 0.05
     assert set(errors["gradients"]) >= {"w_x", "w_h", "b"}
     assert all(0 < e < 0.1 for e in errors["gradients"].values())
+    torch_errors = r["torch_relative_error"]  # bfloat16 rounds: nonzero, but small
+    assert 0 < torch_errors["outputs"] < 0.05
+    assert set(torch_errors["gradients"]) == {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0",
+                                              "bias_hh_l0"}
+    assert all(0 < e < 0.1 for e in torch_errors["gradients"].values())
   assert "bf16/f32" in out
   assert "| GRU | (q) B4 T16 D=H=8 | infer |" in out  # the README table
 
