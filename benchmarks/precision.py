@@ -8,8 +8,8 @@ The seqjax contenders are ``seqjax.scan`` on float32 parameters and inputs;
 one has ``matmul_dtype="bfloat16"`` (operands rounded to bfloat16, products
 accumulated in float32; see ``seqjax.cells``). torch's ``nn.LSTM``/``nn.GRU``
 runs in the same rounds, in float32 and under ``torch.autocast("cpu",
-dtype=torch.bfloat16)`` (oneDNN's bfloat16 RNN), so bfloat16 is compared with
-bfloat16. Speed: the training step (forward, backward, SGD on mean(ys²)) and
+dtype=torch.bfloat16)`` (torch's CPU mixed precision), so bfloat16 is also
+compared with bfloat16. Speed: the training step (forward, backward, SGD on mean(ys²)) and
 inference of ``benchmarks/peers.py``, in interleaved rounds, as tokens/s and
 the paired ratios seqjax bf16 / f32, seqjax bf16 / torch bf16 and torch bf16 /
 f32. Accuracy: at each size, the relative error (‖bf16 − f32‖ / ‖f32‖) of the
