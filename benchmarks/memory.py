@@ -1,6 +1,6 @@
 """Peak memory and time of full backpropagation through long sequences, with and without remat.
 
-    python benchmarks/memory.py --update-readme   # ~10 minutes on 2 CPU cores
+    python benchmarks/memory.py --update-readme   # ~4-10 minutes on 2 CPU cores
     python benchmarks/memory.py --quick --out /tmp/memory.json
 
 The model is a char-LM trained on one unbroken sequence (no truncation): a
@@ -57,15 +57,11 @@ def measure(variant: str, steps: int, hidden: int, batch: int, chunk: int, max_g
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
 
+  import sampling  # noqa: PLC0415 - the same char-LM-shaped model
   import seqjax  # noqa: PLC0415
 
-  cell = seqjax.cells.LSTM(hidden)
-  k_e, k_c, k_o, k_t = jax.random.split(jax.random.key(0), 4)
-  params = {"embed": jax.random.normal(k_e, (VOCAB, EMBED)) * 0.1,
-            "cell": cell.init(k_c, EMBED),
-            "out_w": jax.random.normal(k_o, (hidden, VOCAB)) / hidden ** 0.5,
-            "out_b": jnp.zeros((VOCAB,))}
-  tokens = jax.random.randint(k_t, (steps + 1, batch), 0, VOCAB)  # time-major
+  cell, params = sampling.make_model(hidden, VOCAB, EMBED)
+  tokens = jax.random.randint(jax.random.key(1), (steps + 1, batch), 0, VOCAB)  # time-major
   optimizer = optax.sgd(0.1)
 
   def chunk_loss(params, carry, chunk_tokens):
