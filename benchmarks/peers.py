@@ -1,6 +1,6 @@
 """seqjax against PyTorch, Flax and Keras: LSTM and GRU throughput on one machine.
 
-    python benchmarks/peers.py                   # all sizes, ~10 minutes on 2 CPU cores
+    python benchmarks/peers.py                   # all sizes, ~7-10 minutes on 2 CPU cores
     python benchmarks/peers.py --update-readme   # and rewrite the table in benchmarks/README.md
     python benchmarks/peers.py --quick --out /tmp/peers.json   # seconds, for tests
 
@@ -10,12 +10,22 @@ For each cell (LSTM, GRU), size and mode it times one call of every contender:
 - ``infer``: forward only.
 
 Contenders: ``seqjax`` (``seqjax.scan``, default options), ``torch``
-(``nn.LSTM``/``nn.GRU``, oneDNN on CPU), ``flax`` (``nn.RNN`` over
-``OptimizedLSTMCell``/``GRUCell``) and ``keras`` (Keras 3 ``LSTM``/``GRU`` on
-the JAX backend, ``train_on_batch``/``predict_on_batch``). Rounds interleave the
-contenders; each round records the median of a few calls per contender. The
-JSON holds tokens/s per round, their median, and paired ratios (seqjax's
-throughput over each peer's, round by round) with their spread.
+(``nn.LSTM``/``nn.GRU``, oneDNN on CPU, cuDNN on a GPU), ``flax`` (``nn.RNN``
+over ``OptimizedLSTMCell``/``GRUCell``), ``keras`` (Keras 3 ``LSTM``/``GRU`` on
+the JAX backend, ``train_on_batch``/``predict_on_batch``; left out where Keras
+is not installed) and, where JAX runs on a GPU, ``cudnn`` (JAX's own cuDNN
+LSTM, ``jax.experimental.rnn.lstm``, with seqjax's weights; it has no GRU).
+Rounds interleave the contenders; each round records the median of a few calls
+per contender. The JSON holds tokens/s per round, their median, and paired
+ratios (seqjax's throughput over each peer's, round by round) with their
+spread.
+
+On a GPU (JAX's default backend ``gpu``; torch then runs on ``cuda``) the
+results go to ``results/peers_gpu.json`` and the README's ``peers_gpu`` table
+instead of the CPU ones. Every contender runs at its library's default
+float32 matmul precision, recorded in the JSON's config: JAX's and
+``jax.experimental.rnn``'s may use TF32 on such a GPU where torch's matmuls
+do not.
 
 Each group's rounds also time a float32 2048x2048x2048 matmul in XLA (the
 machine's measured matmul peak, as the speed issue defines it), so every
@@ -29,6 +39,7 @@ arithmetic is not counted.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -51,6 +62,8 @@ MODES = ("train", "infer")
 LR = 0.01
 PEAK_N, QUICK_PEAK_N = 2048, 64  # the peak matmul's size: N x N times N x N
 GATES = {"lstm": 4, "gru": 3}
+BACKEND = jax.default_backend()  # "cpu", "gpu" or "tpu"
+NAME = "peers" if BACKEND == "cpu" else f"peers_{BACKEND}"  # its JSON and README table
 
 
 def flops_per_token(cell_name, size, mode):
@@ -105,22 +118,29 @@ def flax_contender(cell_name, size, mode):
   return run
 
 
+def torch_device() -> str:
+  """``"cuda"`` where JAX runs on a GPU (torch beside it on the same card), else ``"cpu"``."""
+  return "cuda" if BACKEND == "gpu" else "cpu"
+
+
 def torch_module(cell_name, size):
-  """torch's ``nn.LSTM``/``nn.GRU`` (seed 0) and a batch of inputs (seed 0)."""
+  """torch's ``nn.LSTM``/``nn.GRU`` (seed 0) and a batch of inputs (seed 0), on
+  :func:`torch_device`."""
   import torch  # noqa: PLC0415
   torch.set_num_threads(common.environment()["cpu_count"])
   torch.manual_seed(0)
   module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name](
       size["D"], size["H"], batch_first=True)
-  return module, torch.randn(size["B"], size["T"], size["D"])
+  xs = torch.randn(size["B"], size["T"], size["D"])
+  return module.to(torch_device()), xs.to(torch_device())
 
 
 def torch_forward(module, xs, autocast=None):
   """``module(xs)``'s outputs in float32; with ``autocast`` (``"bfloat16"``),
-  run under ``torch.autocast("cpu", dtype=...)``, torch's mixed precision."""
+  run under ``torch.autocast(device, dtype=...)``, torch's mixed precision."""
   import torch  # noqa: PLC0415
   context = (contextlib.nullcontext() if autocast is None
-             else torch.autocast("cpu", dtype=getattr(torch, autocast)))
+             else torch.autocast(xs.device.type, dtype=getattr(torch, autocast)))
   with context:
     ys, _ = module(xs)
   return ys.float()
@@ -129,10 +149,13 @@ def torch_forward(module, xs, autocast=None):
 def torch_contender(cell_name, size, mode, autocast=None):
   import torch  # noqa: PLC0415
   module, xs = torch_module(cell_name, size)
+  # A GPU runs torch's kernels asynchronously: a call ends when they have.
+  done = torch.cuda.synchronize if xs.is_cuda else lambda: None
   if mode == "infer":
     def infer():
       with torch.inference_mode():
         torch_forward(module, xs, autocast)
+      done()
     return infer
   optimizer = torch.optim.SGD(module.parameters(), lr=LR)
 
@@ -140,6 +163,48 @@ def torch_contender(cell_name, size, mode, autocast=None):
     optimizer.zero_grad(set_to_none=True)
     (torch_forward(module, xs, autocast) ** 2).mean().backward()
     optimizer.step()
+    done()
+  return run
+
+
+def cudnn_weights(params):
+  """seqjax LSTM parameters as ``jax.experimental.rnn``'s packed cuDNN weights
+  (one layer, one direction): W_ih = w_xᵀ, W_hh = w_hᵀ, b_ih = b, b_hh = 0;
+  both order the gates i, f, g, o."""
+  return jnp.concatenate([params["w_x"].T.ravel(), params["w_h"].T.ravel(), params["b"],
+                          jnp.zeros_like(params["b"])])
+
+
+def cudnn_forward(weights, xs, hidden, lstm=None):
+  """ys [B, T, H] of ``jax.experimental.rnn.lstm`` (or ``lstm``, same signature)
+  from zero carries, batch-major ``xs``."""
+  from jax.experimental import rnn  # noqa: PLC0415
+  batch, steps, features = xs.shape
+  zeros = jnp.zeros((1, batch, hidden), xs.dtype)
+  ys, _, _ = (lstm or rnn.lstm)(xs, zeros, zeros, weights, jnp.full((batch,), steps, jnp.int32),
+                                input_size=features, hidden_size=hidden, num_layers=1,
+                                dropout=0.0, bidirectional=False)
+  return ys
+
+
+def cudnn_contender(cell_name, size, mode):
+  """JAX's cuDNN LSTM on seqjax's initial weights; ``None`` for the GRU (it has none)."""
+  if cell_name != "lstm":
+    return None
+  weights = cudnn_weights(cells.LSTM(size["H"]).init(jax.random.key(0), size["D"]))
+  xs = jax.random.normal(jax.random.key(1), (size["B"], size["T"], size["D"]))
+
+  def forward(weights, xs):
+    return cudnn_forward(weights, xs, size["H"])
+
+  if mode == "infer":
+    fn = jax.jit(forward)
+    return lambda: fn(weights, xs).block_until_ready()
+  step = _sgd_jax(lambda w, x: jnp.mean(forward(w, x) ** 2))
+  state = {"weights": weights}
+
+  def run():
+    state["weights"] = jax.block_until_ready(step(state["weights"], xs))
   return run
 
 
@@ -157,13 +222,29 @@ def keras_contender(cell_name, size, mode):
 
 
 CONTENDERS = {"seqjax": seqjax_contender, "torch": torch_contender,
-              "flax": flax_contender, "keras": keras_contender}
+              "flax": flax_contender, "keras": keras_contender, "cudnn": cudnn_contender}
+
+
+def unavailable(name) -> str | None:
+  """Why contender ``name`` cannot run here, or ``None`` if it can."""
+  if name == "cudnn" and BACKEND != "gpu":
+    return (f"cudnn needs a GPU: jax.experimental.rnn.lstm lowers only for CUDA and ROCm, "
+            f"and JAX's backend here is {BACKEND}")
+  if name in ("torch", "flax", "keras") and importlib.util.find_spec(name) is None:
+    return f"{name} is not installed"
+  if name == "torch" and torch_device() == "cuda":
+    import torch  # noqa: PLC0415
+    if not torch.cuda.is_available():
+      return "torch has no CUDA here, and JAX runs on the GPU: the two would not be comparable"
+  return None
 
 
 def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n):
   """Interleaved rounds; returns result rows (one per contender), ratio rows
-  and the peak row (the matmul timed in the same rounds)."""
+  and the peak row (the matmul timed in the same rounds). A contender without
+  this cell (``cudnn`` for the GRU) is left out of the group."""
   runs = {name: CONTENDERS[name](cell_name, size, mode) for name in contenders}
+  runs = {name: run for name, run in runs.items() if run is not None}
   runs["peak"] = common.matmul_peak_run(peak_n)
   tokens = size["B"] * size["T"]
   per_round = common.interleaved_rounds(runs, tokens, rounds, calls)
@@ -187,7 +268,8 @@ def markdown(results) -> str:
   rows = [r for r in results if "contender" in r]
   ratios = {(r["cell"], r["size"], r["mode"], r["vs"]): r["ratio"] for r in results
             if "vs" in r}
-  peers = [c for c in CONTENDERS if c != "seqjax"]
+  present = {r["contender"] for r in rows}
+  peers = [c for c in CONTENDERS if c != "seqjax" and c in present]
   head = ("| cell | size | mode | seqjax tok/s | "
           + " | ".join(f"{p} tok/s (seqjax ×)" for p in peers)
           + " | % of matmul peak: seqjax, torch |")
@@ -214,8 +296,10 @@ def markdown(results) -> str:
 
 
 def main(argv=None):
-  parser = common.arguments(__doc__.splitlines()[0], "peers")
-  parser.add_argument("--contenders", default=",".join(CONTENDERS))
+  parser = common.arguments(__doc__.splitlines()[0], NAME)
+  parser.add_argument("--contenders", default=None,
+                      help=f"comma-separated of {','.join(CONTENDERS)} (default: all that can "
+                           "run here)")
   parser.add_argument("--cells", default=",".join(CELLS))
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--sizes", default=None, help="comma-separated of a,b,c")
@@ -224,14 +308,22 @@ def main(argv=None):
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    common.table_from(args.table_from, "peers", markdown)
+    common.table_from(args.table_from, NAME, markdown)
     return
+  if args.contenders is None:
+    contenders = [name for name in CONTENDERS if unavailable(name) is None]
+  else:
+    contenders = args.contenders.split(",")
+    for name in contenders:
+      if name not in CONTENDERS:
+        parser.error(f"unknown contender {name!r}: expected some of {', '.join(CONTENDERS)}")
+      if unavailable(name):
+        parser.error(unavailable(name))
   sizes = QUICK_SIZES if args.quick else SIZES
   if args.sizes:
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
-  contenders = args.contenders.split(",")
   results = []
   for cell_name in args.cells.split(","):
     for size_name, size in sizes.items():
@@ -245,9 +337,19 @@ def main(argv=None):
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
               f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
-                peak_matmul=peak_n)
-  common.write(args.out, "peers", config, results)
-  print(common.readme_table("peers", markdown, results, update=args.update_readme))
+                peak_matmul=peak_n, backend=BACKEND, precision=_precision(contenders))
+  common.write(args.out, NAME, config, results)
+  print(common.readme_table(NAME, markdown, results, update=args.update_readme))
+
+
+def _precision(contenders) -> dict:
+  """Each library's float32 matmul precision setting, as the run had it."""
+  settings = {"jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
+  if "torch" in contenders:
+    import torch  # noqa: PLC0415
+    settings.update(torch_float32_matmul_precision=torch.get_float32_matmul_precision(),
+                    torch_cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32))
+  return settings
 
 
 if __name__ == "__main__":

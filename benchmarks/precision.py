@@ -63,8 +63,8 @@ def torch_accuracy(cell_name, size) -> dict:
     module, xs = peers.torch_module(cell_name, size)
     ys = peers.torch_forward(module, xs, autocast)
     (ys ** 2).mean().backward()
-    results[name] = (ys.detach().numpy(),
-                     {k: p.grad.numpy() for k, p in module.named_parameters()})
+    results[name] = (ys.detach().cpu().numpy(),
+                     {k: p.grad.cpu().numpy() for k, p in module.named_parameters()})
   return _relative_errors(results["torch_bfloat16"], results["torch_float32"])
 
 

@@ -50,7 +50,11 @@ def test_peers(tmp_path):
   payload, out = _run("peers", tmp_path)
   rows = [r for r in payload["results"] if "contender" in r]
   ratios = [r for r in payload["results"] if "vs" in r]
+  # On CPU every contender but JAX's cuDNN LSTM runs.
   assert {r["contender"] for r in rows} == {"seqjax", "torch", "flax", "keras"}
+  assert payload["config"]["backend"] == "cpu"
+  assert payload["config"]["contenders"] == ["seqjax", "torch", "flax", "keras"]
+  assert payload["config"]["precision"]["torch_float32_matmul_precision"] == "highest"
   assert {(r["cell"], r["mode"]) for r in rows} == {
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
   for r in rows:
