@@ -230,6 +230,8 @@ def unavailable(name) -> str | None:
   if name == "cudnn" and BACKEND != "gpu":
     return (f"cudnn needs a GPU: jax.experimental.rnn.lstm lowers only for CUDA and ROCm, "
             f"and JAX's backend here is {BACKEND}")
+  if name == "cudnn" and importlib.util.find_spec("jax.experimental.rnn") is None:
+    return f"cudnn needs jax.experimental.rnn, which JAX {jax.__version__} does not have"
   if name in ("torch", "flax", "keras") and importlib.util.find_spec(name) is None:
     return f"{name} is not installed"
   if name == "torch" and torch_device() == "cuda":

@@ -16,12 +16,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import rnn
+import pytest
 
 import seqjax
 from seqjax import cells
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 try:
   import peers
@@ -32,12 +33,14 @@ finally:
 def _reference_lstm(x, h_0, c_0, weights, seq_lengths, *, input_size, hidden_size, num_layers,
                     dropout, bidirectional):
   """``rnn.lstm``'s signature, computed by JAX's reference from the unpacked weights."""
+  from jax.experimental import rnn  # noqa: PLC0415
   unpacked = rnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
   return rnn.lstm_ref(x, h_0, c_0, *unpacked, seq_lengths, input_size, hidden_size, num_layers,
                       dropout, bidirectional)
 
 
 def test_cudnn_weights_give_seqjax_outputs_and_gradients():
+  rnn = pytest.importorskip("jax.experimental.rnn", reason="this JAX has no jax.experimental.rnn")
   batch, steps, features, hidden = 3, 7, 5, 4
   cell = cells.LSTM(hidden)
   params = cell.init(jax.random.key(0), features)
@@ -66,7 +69,7 @@ def test_the_cudnn_contender_has_no_gru():
 
 
 def test_asking_for_cudnn_without_a_gpu_is_one_clear_error():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, str(BENCH / "peers.py"), "--quick", "--contenders",
                          "seqjax,cudnn"], env=env, capture_output=True, text=True, timeout=300,
                         check=False)
