@@ -72,12 +72,22 @@ def flops_per_token(cell_name, size, mode):
   return forward * (3 if mode == "train" else 1)
 
 
-def _sgd_jax(loss):
+def _jax_run(forward, params, xs, mode):
+  """One blocking call of a JAX contender: jitted ``forward(params, xs)``
+  (``infer``), or an SGD step on mean(ys²) that keeps its parameters (``train``)."""
+  if mode == "infer":
+    fn = jax.jit(forward)
+    return lambda: fn(params, xs).block_until_ready()
+
   @jax.jit
   def step(params, xs):
-    grads = jax.grad(loss)(params, xs)
+    grads = jax.grad(lambda p, x: jnp.mean(forward(p, x) ** 2))(params, xs)
     return jax.tree.map(lambda p, g: p - LR * g, params, grads)
-  return step
+  state = {"params": params}
+
+  def run():
+    state["params"] = jax.block_until_ready(step(state["params"], xs))
+  return run
 
 
 def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
@@ -88,16 +98,7 @@ def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
 
   def forward(params, xs):
     return seqjax.scan(cell, params, xs)[1]
-
-  if mode == "infer":
-    fn = jax.jit(forward)
-    return lambda: fn(params, xs).block_until_ready()
-  step = _sgd_jax(lambda p, x: jnp.mean(forward(p, x) ** 2))
-  state = {"params": params}
-
-  def run():
-    state["params"] = jax.block_until_ready(step(state["params"], xs))
-  return run
+  return _jax_run(forward, params, xs, mode)
 
 
 def flax_contender(cell_name, size, mode):
@@ -105,17 +106,7 @@ def flax_contender(cell_name, size, mode):
   cell = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}[cell_name](size["H"])
   rnn = nn.RNN(cell)
   xs = jax.random.normal(jax.random.key(1), (size["B"], size["T"], size["D"]))
-  params = rnn.init(jax.random.key(0), xs)
-
-  if mode == "infer":
-    fn = jax.jit(rnn.apply)
-    return lambda: fn(params, xs).block_until_ready()
-  step = _sgd_jax(lambda p, x: jnp.mean(rnn.apply(p, x) ** 2))
-  state = {"params": params}
-
-  def run():
-    state["params"] = jax.block_until_ready(step(state["params"], xs))
-  return run
+  return _jax_run(rnn.apply, rnn.init(jax.random.key(0), xs), xs, mode)
 
 
 def torch_device() -> str:
@@ -196,16 +187,7 @@ def cudnn_contender(cell_name, size, mode):
 
   def forward(weights, xs):
     return cudnn_forward(weights, xs, size["H"])
-
-  if mode == "infer":
-    fn = jax.jit(forward)
-    return lambda: fn(weights, xs).block_until_ready()
-  step = _sgd_jax(lambda w, x: jnp.mean(forward(w, x) ** 2))
-  state = {"weights": weights}
-
-  def run():
-    state["weights"] = jax.block_until_ready(step(state["weights"], xs))
-  return run
+  return _jax_run(forward, weights, xs, mode)
 
 
 def keras_contender(cell_name, size, mode):
