@@ -301,8 +301,9 @@ def main(argv=None):
     for name in contenders:
       if name not in CONTENDERS:
         parser.error(f"unknown contender {name!r}: expected some of {', '.join(CONTENDERS)}")
-      if unavailable(name):
-        parser.error(unavailable(name))
+      reason = unavailable(name)
+      if reason:
+        parser.error(reason)
   sizes = QUICK_SIZES if args.quick else SIZES
   if args.sizes:
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}

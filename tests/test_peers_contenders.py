@@ -68,18 +68,21 @@ def test_the_cudnn_contender_has_no_gru():
   assert peers.cudnn_contender("gru", peers.QUICK_SIZES["q"], "train") is None
 
 
-def test_asking_for_cudnn_without_a_gpu_is_one_clear_error():
+def _peers_cli(contenders):
+  """peers.py --quick --contenders ``contenders`` on CPU, as a finished process."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, str(BENCH / "peers.py"), "--quick", "--contenders",
-                         "seqjax,cudnn"], env=env, capture_output=True, text=True, timeout=300,
+  return subprocess.run([sys.executable, str(BENCH / "peers.py"), "--quick", "--contenders",
+                         contenders], env=env, capture_output=True, text=True, timeout=300,
                         check=False)
+
+
+def test_asking_for_cudnn_without_a_gpu_is_one_clear_error():
+  done = _peers_cli("seqjax,cudnn")
   assert done.returncode == 2
   assert "cudnn needs a GPU: jax.experimental.rnn.lstm lowers only for CUDA and ROCm, and " \
          "JAX's backend here is cpu" in done.stderr
   assert "Traceback" not in done.stderr
-  done = subprocess.run([sys.executable, str(BENCH / "peers.py"), "--quick", "--contenders",
-                         "seqjax,pytorch"], env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
+  done = _peers_cli("seqjax,pytorch")
   assert done.returncode == 2
   assert "unknown contender 'pytorch': expected some of seqjax, torch, flax, keras, cudnn" \
          in done.stderr
