@@ -22,6 +22,11 @@ returns to zeros before the step). Everything here is time-major: [T, B, ...].
 The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
 
+Float32 inference of the LSTM on CPU (``lstm_scan`` called without a
+gradient) runs :mod:`seqjax.native`'s kernel where it is available, which
+splits each step across the CPU's cores; ``_lstm_fwd``/``_lstm_bwd`` (any
+gradient) and every other case run the XLA code here.
+
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
 dtype; the gate arithmetic and the carry stay in the parameters' dtype.
@@ -39,6 +44,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from seqjax import native
 
 
 def matmul(a, w, dtype=None, out_dtype=None):
@@ -130,7 +137,11 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
     resets: [T, B] bool or ``None``: the carry returns to zeros before the step.
     matmul_dtype: ``None``, or the dtype matmul operands are rounded to.
   """
-  return _forward(params, xs, h0, c0, valid, resets, False, matmul_dtype)[0]
+  xla = lambda *args: _forward(*args, False, matmul_dtype)[0]
+  args = (params, xs, h0, c0, valid, resets)
+  if native.usable(params, xs, h0, c0, matmul_dtype):  # float32 inference on CPU
+    return jax.lax.platform_dependent(*args, cpu=native.lstm_forward, default=xla)
+  return xla(*args)
 
 
 def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype):

@@ -1,0 +1,184 @@
+"""The native LSTM forward kernel (seqjax.native): float32 inference on CPU.
+
+It must give the XLA path's values (float32 rounding apart) for every option
+the scan driver passes (lengths, masks, resets, reverse), at sizes that split
+across threads and sizes that do not, and leave gradients to the XLA path.
+"""
+
+import concurrent.futures
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqjax
+from seqjax import cells, fused, native
+from tests import reference
+
+CPU_FLAGS = native._cpu_flags()
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512f" not in CPU_FLAGS,
+    reason="the native kernel needs Linux on an x86-64 CPU with AVX-512")
+
+
+def _problem(b, t, d, h, seed=0):
+  k = jax.random.split(jax.random.key(seed), 5)
+  params = cells.LSTM(h).init(k[0], d, jnp.float32)
+  params["b"] = jax.random.normal(k[1], params["b"].shape, jnp.float32)  # not just zeros
+  xs = 2 * jax.random.normal(k[2], (t, b, d), jnp.float32)
+  h0, c0 = (jax.random.normal(kk, (b, h), jnp.float32) for kk in k[3:])
+  return params, xs, h0, c0
+
+
+def _xla(params, xs, h0, c0, valid=None, resets=None):
+  return fused._forward(params, xs, h0, c0, valid, resets, False, None)[0]
+
+
+def _lowered(f, *args):
+  return jax.jit(f).lower(*args).as_text()
+
+
+def test_the_kernel_builds_here():
+  assert native.status() == "ready"
+
+
+def test_partitions_are_whole_registers_and_not_too_small():
+  assert native.partitions(128, cores=2) == 2
+  assert native.partitions(48, cores=2) == 1  # 24 units a thread: too few
+  assert native.partitions(96, cores=4) == 3  # 32 units, two registers each
+  assert native.partitions(1024, cores=16) == 16
+  assert native.partitions(16, cores=8) == 1
+  assert native.partitions(40, cores=2) is None  # not a whole number of registers
+
+
+@pytest.mark.parametrize("b,t,d,h", [
+    (16, 40, 24, 64),  # two threads, two full row tiles
+    (13, 9, 5, 96),    # a partial row tile
+    (1, 7, 1, 32),     # one row, one input feature
+    (3, 5, 7, 48),     # one partition
+    (9, 1, 3, 16),     # one step
+    (4, 0, 3, 32),     # no steps
+])
+@pytest.mark.parametrize("masks", ["none", "valid", "resets", "both"])
+def test_kernel_equals_the_xla_path(b, t, d, h, masks):
+  params, xs, h0, c0 = _problem(b, t, d, h)
+  rng = np.random.default_rng(b * t + h)
+  valid = rng.random((t, b)) < 0.7 if masks in ("valid", "both") else None
+  resets = rng.random((t, b)) < 0.2 if masks in ("resets", "both") else None
+  got = jax.jit(native.lstm_forward)(params, xs, h0, c0, valid, resets)
+  want = jax.jit(_xla)(params, xs, h0, c0, valid, resets)
+  for name, g, w in zip(("h_T", "c_T", "ys"), got, want):
+    assert g.shape == w.shape and g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=name)
+  if valid is not None and t:  # invalid steps emit exact zeros
+    assert not np.any(np.asarray(got[2])[~valid])
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"lengths": np.array([9, 4, 0, 7])}, {"reverse": True, "lengths": np.array([2, 9, 5, 9])},
+    {"mask": np.arange(36).reshape(4, 9) % 3 != 1},
+    {"resets": np.eye(4, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8, 3]), "reverse": True},
+])
+def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(options):
+  cell = cells.LSTM(64)
+  params = cell.init(jax.random.key(0), 6, jnp.float32)
+  xs = jax.random.normal(jax.random.key(1), (4, 9, 6), jnp.float32)
+  carry = cells.LSTMCarry(*(jax.random.normal(jax.random.key(k), (4, 64), jnp.float32)
+                            for k in (2, 3)))
+  run = lambda p, x, c: seqjax.scan(cell, p, x, c, **options)
+  assert "seqjax_lstm_forward" in _lowered(run, params, xs, carry)
+  final, ys = jax.jit(run)(params, xs, carry)
+  ref_final, ref_ys = reference.run(cell, params, xs, {"h": carry.h, "c": carry.c},
+                                    **{k: options[k] for k in options})
+  np.testing.assert_allclose(ys, ref_ys, atol=2e-5)
+  np.testing.assert_allclose(final.h, ref_final["h"], atol=2e-5)
+  np.testing.assert_allclose(final.c, ref_final["c"], atol=2e-5)
+
+
+def test_gradients_keep_the_xla_path_and_agree_with_the_inference_value():
+  params, xs, h0, c0 = _problem(8, 12, 5, 64)
+  loss = lambda p: jnp.sum(fused.lstm_scan(p, xs, h0, c0, None, None, None)[2] ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert "seqjax_lstm_forward" not in _lowered(jax.grad(loss), params)
+  np.testing.assert_allclose(jax.jit(loss)(params), value, rtol=1e-5)
+  params64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  args64 = [a.astype(jnp.float64) for a in (xs, h0, c0)]
+  grads64 = jax.grad(lambda p: jnp.sum(fused.lstm_scan(p, *args64, None, None, None)[2] ** 2))(
+      params64)
+  for k in grads:
+    np.testing.assert_allclose(grads[k], grads64[k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_other_dtypes_and_bfloat16_matmuls_keep_the_xla_path():
+  params, xs, h0, c0 = _problem(4, 3, 5, 32)
+  assert native.usable(params, xs, h0, c0, None)
+  assert not native.usable(params, xs, h0, c0, jnp.bfloat16)
+  as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+  assert not native.usable(as64(params), as64(xs), as64(h0), as64(c0), None)
+  assert not native.usable(params, xs, h0[:, :20], c0[:, :20], None)  # H = 20: no split
+
+
+def test_vmap_over_weights_runs_each_member():
+  members = [_problem(5, 6, 4, 32, seed=s) for s in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+  got = jax.jit(jax.vmap(lambda *a: fused.lstm_scan(*a, None, None, None)))(*stacked)
+  for m, member in enumerate(members):
+    want = _xla(*member)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g[m], w, rtol=2e-5, atol=2e-6)
+
+
+def test_concurrent_calls_from_two_threads():
+  """A second call while the thread pool is busy runs on its own thread, unsplit."""
+  problems = [_problem(16, 300, 32, 128, seed=s) for s in range(4)]
+  f = jax.jit(native.lstm_forward)
+  want = [f(*p) for p in problems]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    got = list(pool.map(lambda p: jax.block_until_ready(f(*p)), problems))
+  for g, w in zip(got, want):
+    for a, b in zip(g, w):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _fresh_process(env_extra, tmp_path):
+  code = textwrap.dedent("""
+      import warnings
+      import jax, jax.numpy as jnp, numpy as np
+      from seqjax import fused, native
+      from tests.test_native import _problem, _xla
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = native.status()
+      args = _problem(4, 5, 3, 32)
+      text = jax.jit(lambda *a: fused.lstm_scan(*a, None, None, None)).lower(*args).as_text()
+      got = jax.jit(lambda *a: fused.lstm_scan(*a, None, None, None))(*args)
+      np.testing.assert_allclose(got[2], _xla(*args)[2], rtol=1e-6)
+      print("STATUS", status)
+      print("CUSTOM", "seqjax_lstm_forward" in text)
+      print("WARNINGS", [str(w.message) for w in caught])
+  """)
+  env = dict(os.environ, SEQJAX_CACHE_DIR=str(tmp_path), **env_extra)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return run.stdout
+
+
+def test_disabled_by_environment_falls_back(tmp_path):
+  out = _fresh_process({"SEQJAX_NATIVE": "0"}, tmp_path)
+  assert "STATUS disabled by SEQJAX_NATIVE=0" in out and "CUSTOM False" in out
+  assert not list(tmp_path.iterdir())  # nothing built
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path):
+  out = _fresh_process({"CXX": "/bin/false"}, tmp_path)
+  assert "STATUS build failed: /bin/false failed on lstm.cc" in out, out
+  assert "CUSTOM False" in out
+  assert "the native LSTM kernel was not built, using the XLA path" in out
