@@ -22,9 +22,9 @@ returns to zeros before the step). Everything here is time-major: [T, B, ...].
 The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
 
-Float32 inference of the LSTM on CPU (``lstm_scan`` called without a
-gradient) runs :mod:`seqjax.native`'s kernel where it is available, which
-splits each step across the CPU's cores; ``_lstm_fwd``/``_lstm_bwd`` (any
+Float32 inference on CPU (``lstm_scan`` or ``gru_scan`` called without a
+gradient) runs :mod:`seqjax.native`'s kernels where they are available, which
+split each step across the CPU's cores; the ``_fwd``/``_bwd`` rules (any
 gradient) and every other case run the XLA code here.
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
@@ -139,7 +139,7 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
   """
   xla = lambda *args: _forward(*args, False, matmul_dtype)[0]
   args = (params, xs, h0, c0, valid, resets)
-  if native.usable(params, xs, h0, c0, matmul_dtype):  # float32 inference on CPU
+  if native.usable(params, xs, (h0, c0), matmul_dtype):  # float32 inference on CPU
     return jax.lax.platform_dependent(*args, cpu=native.lstm_forward, default=xla)
   return xla(*args)
 
@@ -248,7 +248,11 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype):
     xs, h0, valid, resets, matmul_dtype: as for :func:`lstm_scan` (``h0`` is
       the carry).
   """
-  return _gru_forward(params, xs, h0, valid, resets, False, matmul_dtype)[0]
+  xla = lambda *args: _gru_forward(*args, False, matmul_dtype)[0]
+  args = (params, xs, h0, valid, resets)
+  if native.usable(params, xs, (h0,), matmul_dtype):  # float32 inference on CPU
+    return jax.lax.platform_dependent(*args, cpu=native.gru_forward, default=xla)
+  return xla(*args)
 
 
 def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype):

@@ -1,11 +1,12 @@
-"""The native LSTM forward kernel (seqjax.native): float32 inference on CPU.
+"""The native LSTM and GRU forward kernels (seqjax.native): float32 inference on CPU.
 
-It must give the XLA path's values (float32 rounding apart) for every option
+They must give the XLA path's values (float32 rounding apart) for every option
 the scan driver passes (lengths, masks, resets, reverse), at sizes that split
 across threads and sizes that do not, and leave gradients to the XLA path.
 """
 
 import concurrent.futures
+import functools
 import os
 import platform
 import subprocess
@@ -27,17 +28,33 @@ pytestmark = pytest.mark.skipif(
     reason="the native kernel needs Linux on an x86-64 CPU with AVX-512")
 
 
-def _problem(b, t, d, h, seed=0):
+KINDS = ["lstm", "gru"]
+CELLS = {"lstm": cells.LSTM, "gru": cells.GRU}
+KERNELS = {"lstm": native.lstm_forward, "gru": native.gru_forward}
+TARGETS = ("seqjax_lstm_forward", "seqjax_gru_forward")
+
+
+def _problem(b, t, d, h, seed=0, kind="lstm"):
+  """``(params, xs, *carry)``: float32, biases not zero, a random carry."""
   k = jax.random.split(jax.random.key(seed), 5)
-  params = cells.LSTM(h).init(k[0], d, jnp.float32)
-  params["b"] = jax.random.normal(k[1], params["b"].shape, jnp.float32)  # not just zeros
+  params = CELLS[kind](h).init(k[0], d, jnp.float32)
+  for name, key in zip(("b", "b_hn"), jax.random.split(k[1])):
+    if name in params:
+      params[name] = jax.random.normal(key, params[name].shape, jnp.float32)
   xs = 2 * jax.random.normal(k[2], (t, b, d), jnp.float32)
-  h0, c0 = (jax.random.normal(kk, (b, h), jnp.float32) for kk in k[3:])
-  return params, xs, h0, c0
+  carry = [jax.random.normal(kk, (b, h), jnp.float32) for kk in k[3:3 + (kind == "lstm") + 1]]
+  return (params, xs, *carry)
 
 
-def _xla(params, xs, h0, c0, valid=None, resets=None):
-  return fused._forward(params, xs, h0, c0, valid, resets, False, None)[0]
+def _xla(*args, kind="lstm"):
+  """The XLA forward of the same call: fused.lstm_scan's or gru_scan's."""
+  forward, arity = (fused._forward, 6) if kind == "lstm" else (fused._gru_forward, 5)
+  args = args + (None,) * (arity - len(args))  # valid, resets absent
+  return forward(*args, False, None)[0]
+
+
+def _scan(kind):
+  return fused.lstm_scan if kind == "lstm" else fused.gru_scan
 
 
 def _lowered(f, *args):
@@ -66,18 +83,20 @@ def test_partitions_are_whole_registers_and_not_too_small():
     (4, 0, 3, 32),     # no steps
 ])
 @pytest.mark.parametrize("masks", ["none", "valid", "resets", "both"])
-def test_kernel_equals_the_xla_path(b, t, d, h, masks):
-  params, xs, h0, c0 = _problem(b, t, d, h)
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_equals_the_xla_path(kind, b, t, d, h, masks):
+  args = _problem(b, t, d, h, kind=kind)
   rng = np.random.default_rng(b * t + h)
   valid = rng.random((t, b)) < 0.7 if masks in ("valid", "both") else None
   resets = rng.random((t, b)) < 0.2 if masks in ("resets", "both") else None
-  got = jax.jit(native.lstm_forward)(params, xs, h0, c0, valid, resets)
-  want = jax.jit(_xla)(params, xs, h0, c0, valid, resets)
-  for name, g, w in zip(("h_T", "c_T", "ys"), got, want):
-    assert g.shape == w.shape and g.dtype == jnp.float32, name
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=name)
+  got = jax.jit(KERNELS[kind])(*args, valid, resets)
+  want = jax.jit(functools.partial(_xla, kind=kind))(*args, valid, resets)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
   if valid is not None and t:  # invalid steps emit exact zeros
-    assert not np.any(np.asarray(got[2])[~valid])
+    assert not np.any(np.asarray(got[-1])[~valid])
 
 
 @pytest.mark.parametrize("options", [
@@ -85,59 +104,69 @@ def test_kernel_equals_the_xla_path(b, t, d, h, masks):
     {"mask": np.arange(36).reshape(4, 9) % 3 != 1},
     {"resets": np.eye(4, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8, 3]), "reverse": True},
 ])
-def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(options):
-  cell = cells.LSTM(64)
+@pytest.mark.parametrize("kind", KINDS)
+def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(kind, options):
+  cell = CELLS[kind](64)
   params = cell.init(jax.random.key(0), 6, jnp.float32)
   xs = jax.random.normal(jax.random.key(1), (4, 9, 6), jnp.float32)
-  carry = cells.LSTMCarry(*(jax.random.normal(jax.random.key(k), (4, 64), jnp.float32)
-                            for k in (2, 3)))
+  carry = jax.tree.map(lambda z: jax.random.normal(jax.random.key(2), z.shape, z.dtype),
+                       cell.initial_carry((4,), jnp.float32))
   run = lambda p, x, c: seqjax.scan(cell, p, x, c, **options)
-  assert "seqjax_lstm_forward" in _lowered(run, params, xs, carry)
+  assert f"seqjax_{kind}_forward" in _lowered(run, params, xs, carry)
   final, ys = jax.jit(run)(params, xs, carry)
-  ref_final, ref_ys = reference.run(cell, params, xs, {"h": carry.h, "c": carry.c},
-                                    **{k: options[k] for k in options})
+  ref_carry = {"h": carry.h, "c": carry.c} if kind == "lstm" else {"h": carry}
+  ref_final, ref_ys = reference.run(cell, params, xs, ref_carry, **options)
   np.testing.assert_allclose(ys, ref_ys, atol=2e-5)
-  np.testing.assert_allclose(final.h, ref_final["h"], atol=2e-5)
-  np.testing.assert_allclose(final.c, ref_final["c"], atol=2e-5)
+  finals = {"h": final.h, "c": final.c} if kind == "lstm" else {"h": final}
+  for k in ref_final:
+    np.testing.assert_allclose(finals[k], ref_final[k], atol=2e-5, err_msg=k)
 
 
-def test_gradients_keep_the_xla_path_and_agree_with_the_inference_value():
-  params, xs, h0, c0 = _problem(8, 12, 5, 64)
-  loss = lambda p: jnp.sum(fused.lstm_scan(p, xs, h0, c0, None, None, None)[2] ** 2)
-  value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  assert "seqjax_lstm_forward" not in _lowered(jax.grad(loss), params)
-  np.testing.assert_allclose(jax.jit(loss)(params), value, rtol=1e-5)
-  params64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-  args64 = [a.astype(jnp.float64) for a in (xs, h0, c0)]
-  grads64 = jax.grad(lambda p: jnp.sum(fused.lstm_scan(p, *args64, None, None, None)[2] ** 2))(
-      params64)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_keep_the_xla_path_and_agree_with_the_inference_value(kind):
+  params, *rest = _problem(8, 12, 5, 64, kind=kind)
+  scan = _scan(kind)
+  loss = lambda p, *rest: jnp.sum(scan(p, *rest, None, None, None)[-1] ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params, *rest)
+  lowered = _lowered(jax.grad(loss), params, *rest)
+  assert "while" in lowered and not any(t in lowered for t in TARGETS)
+  assert f"seqjax_{kind}_forward" in _lowered(loss, params, *rest)
+  np.testing.assert_allclose(jax.jit(loss)(params, *rest), value, rtol=1e-5)
+  as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+  grads64 = jax.grad(loss)(as64(params), *as64(rest))
   for k in grads:
     np.testing.assert_allclose(grads[k], grads64[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
-def test_other_dtypes_and_bfloat16_matmuls_keep_the_xla_path():
-  params, xs, h0, c0 = _problem(4, 3, 5, 32)
-  assert native.usable(params, xs, h0, c0, None)
-  assert not native.usable(params, xs, h0, c0, jnp.bfloat16)
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_dtypes_and_bfloat16_matmuls_keep_the_xla_path(kind):
+  params, xs, *carry = _problem(4, 3, 5, 32, kind=kind)
+  assert native.usable(params, xs, carry, None)
+  assert not native.usable(params, xs, carry, jnp.bfloat16)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
-  assert not native.usable(as64(params), as64(xs), as64(h0), as64(c0), None)
-  assert not native.usable(params, xs, h0[:, :20], c0[:, :20], None)  # H = 20: no split
+  assert not native.usable(as64(params), as64(xs), as64(carry), None)
+  params, xs, *carry = _problem(4, 3, 5, 20, kind=kind)  # H = 20: no whole registers
+  assert not native.usable(params, xs, carry, None)
+  assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
+                 for t in TARGETS)
 
 
-def test_vmap_over_weights_runs_each_member():
-  members = [_problem(5, 6, 4, 32, seed=s) for s in range(3)]
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_over_weights_runs_each_member(kind):
+  members = [_problem(5, 6, 4, 32, seed=s, kind=kind) for s in range(3)]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
-  got = jax.jit(jax.vmap(lambda *a: fused.lstm_scan(*a, None, None, None)))(*stacked)
+  got = jax.jit(jax.vmap(lambda *a: _scan(kind)(*a, None, None, None)))(*stacked)
   for m, member in enumerate(members):
-    want = _xla(*member)
+    want = _xla(*member, kind=kind)
     for g, w in zip(got, want):
       np.testing.assert_allclose(g[m], w, rtol=2e-5, atol=2e-6)
 
 
-def test_concurrent_calls_from_two_threads():
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_calls_from_two_threads(kind):
   """A second call while the thread pool is busy runs on its own thread, unsplit."""
-  problems = [_problem(16, 300, 32, 128, seed=s) for s in range(4)]
-  f = jax.jit(native.lstm_forward)
+  problems = [_problem(16, 300, 32, 128, seed=s, kind=kind) for s in range(4)]
+  f = jax.jit(KERNELS[kind])
   want = [f(*p) for p in problems]
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     got = list(pool.map(lambda p: jax.block_until_ready(f(*p)), problems))
@@ -155,12 +184,12 @@ def _fresh_process(env_extra, tmp_path):
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status = native.status()
-      args = _problem(4, 5, 3, 32)
-      text = jax.jit(lambda *a: fused.lstm_scan(*a, None, None, None)).lower(*args).as_text()
-      got = jax.jit(lambda *a: fused.lstm_scan(*a, None, None, None))(*args)
-      np.testing.assert_allclose(got[2], _xla(*args)[2], rtol=1e-6)
+      args = _problem(4, 5, 3, 32, kind="gru")
+      text = jax.jit(lambda *a: fused.gru_scan(*a, None, None, None)).lower(*args).as_text()
+      got = jax.jit(lambda *a: fused.gru_scan(*a, None, None, None))(*args)
+      np.testing.assert_allclose(got[1], _xla(*args, kind="gru")[1], rtol=1e-6)
       print("STATUS", status)
-      print("CUSTOM", "seqjax_lstm_forward" in text)
+      print("CUSTOM", "seqjax_gru_forward" in text)
       print("WARNINGS", [str(w.message) for w in caught])
   """)
   env = dict(os.environ, SEQJAX_CACHE_DIR=str(tmp_path), **env_extra)
@@ -179,6 +208,6 @@ def test_disabled_by_environment_falls_back(tmp_path):
 
 def test_a_failed_build_warns_once_and_falls_back(tmp_path):
   out = _fresh_process({"CXX": "/bin/false"}, tmp_path)
-  assert "STATUS build failed: /bin/false failed on lstm.cc" in out, out
+  assert "STATUS build failed: /bin/false failed on rnn.cc" in out, out
   assert "CUSTOM False" in out
-  assert "the native LSTM kernel was not built, using the XLA path" in out
+  assert "the native LSTM/GRU kernels were not built, using the XLA path" in out

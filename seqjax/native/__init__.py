@@ -1,11 +1,12 @@
-"""A native CPU kernel for the LSTM forward recurrence (XLA FFI), built on first use.
+"""Native CPU kernels for the LSTM and GRU forward recurrences (XLA FFI), built on first use.
 
-XLA:CPU runs each per-step matmul of a ``lax.scan`` LSTM on one core, so on a
-multi-core CPU the recurrence leaves the other cores idle. ``lstm.cc`` splits
-the hidden units across the cores, each thread owning the four gate columns
+XLA:CPU runs each per-step matmul of a ``lax.scan`` recurrence on one core, so
+on a multi-core CPU the recurrence leaves the other cores idle. ``rnn.cc``
+splits the hidden units across the cores, each thread owning the gate columns
 of its units, and the threads meet once a step to exchange h
 (benchmarks/README.md has the measurements). :func:`seqjax.fused.lstm_scan`
-calls it for float32 inference on CPU; gradients keep the XLA path.
+and :func:`seqjax.fused.gru_scan` call them for float32 inference on CPU;
+gradients keep the XLA path.
 
 The kernel is compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time it is needed, and cached in
@@ -30,8 +31,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-_SOURCE = Path(__file__).with_name("lstm.cc")
-_TARGET = "seqjax_lstm_forward"
+_SOURCE = Path(__file__).with_name("rnn.cc")
+_TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward", "seqjax_gru_forward": "SeqjaxGruForward"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 
@@ -61,7 +62,7 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-  """Compiles ``lstm.cc`` into the cache (once per source, compiler, jaxlib and CPU)."""
+  """Compiles ``rnn.cc`` into the cache (once per source, compiler, jaxlib and CPU)."""
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
            f"-I{include}"]
@@ -69,7 +70,7 @@ def _build(compiler: str) -> Path:
   for part in (_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
                jax.__version__.encode(), " ".join(sorted(_cpu_flags())).encode()):
     key.update(part)
-  out = _cache_dir() / f"lstm-{key.hexdigest()[:16]}.so"
+  out = _cache_dir() / f"rnn-{key.hexdigest()[:16]}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,17 +100,18 @@ def _load() -> str | None:
   try:
     import ctypes
     library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.SeqjaxLstmForward),
-                                platform="cpu")
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    warnings.warn(f"seqjax: the native LSTM kernel was not built, using the XLA path ({e})",
+    warnings.warn(f"seqjax: the native LSTM/GRU kernels were not built, using the XLA path ({e})",
                   RuntimeWarning, stacklevel=3)
     return f"build failed: {e}"
   return None
 
 
 def status() -> str:
-  """``"ready"``, or why the native kernel is not used here."""
+  """``"ready"``, or why the native kernels are not used here."""
   return _load() or "ready"
 
 
@@ -129,24 +131,42 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
   return 1
 
 
-def usable(params, xs, h0, c0, matmul_dtype) -> bool:
-  """Whether :func:`lstm_forward` can run this call: float32, CPU, a size it splits."""
-  arrays = (params["w_x"], params["w_h"], params["b"], xs, h0, c0)
+def usable(params, xs, carry, matmul_dtype) -> bool:
+  """Whether :func:`lstm_forward`/:func:`gru_forward` can run this call.
+
+  That is: float32 parameters, inputs and ``carry`` (a tuple of [B, H] arrays),
+  no ``matmul_dtype``, a CPU backend, a hidden size it splits, and the kernels
+  built.
+  """
+  arrays = (*params.values(), xs, *carry)
   if matmul_dtype is not None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
     return False
+  h0 = carry[0]
   if xs.ndim != 3 or h0.ndim != 2 or jax.default_backend() != "cpu":
     return False
   return partitions(h0.shape[-1]) is not None and _load() is None
 
 
-def pack(params, parts: int):
-  """``w [P, D + H, 4 Hp]`` and ``b [P, 4 Hp]``: each partition's i, f, g, o columns."""
-  w = jnp.concatenate([params["w_x"], params["w_h"]], axis=0)  # [D + H, 4H]
-  rows, hidden = w.shape[0], params["w_h"].shape[0]
-  units = hidden // parts
-  w = w.reshape(rows, 4, parts, units).transpose(2, 0, 1, 3).reshape(parts, rows, 4 * units)
-  b = params["b"].reshape(4, parts, units).transpose(1, 0, 2).reshape(parts, 4 * units)
-  return w, b
+def _split(a, parts: int, blocks: int):
+  """``a [..., blocks * H]`` -> ``[parts, ..., blocks * H / parts]``: each partition's
+  units of every gate block, blocks in order."""
+  *lead, width = a.shape
+  units = width // blocks // parts
+  a = a.reshape(*lead, blocks, parts, units)
+  return jnp.moveaxis(a, -2, 0).reshape(parts, *lead, blocks * units)
+
+
+def _flags(valid, resets):
+  """The [T, B] masks as uint8, an empty array standing for ``None``."""
+  return [jnp.zeros((0,), jnp.uint8) if m is None else jnp.asarray(m).astype(jnp.uint8)
+          for m in (valid, resets)]
+
+
+def _call(target, xs, hidden, carries, *args):
+  time, batch, _ = xs.shape
+  out = [jax.ShapeDtypeStruct((time, batch, hidden), jnp.float32)]
+  out += [jax.ShapeDtypeStruct((batch, hidden), jnp.float32)] * carries
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(xs, *args)
 
 
 def lstm_forward(params, xs, h0, c0, valid=None, resets=None):
@@ -156,16 +176,23 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None):
   ``valid``/``resets`` ``[T, B]`` bool or ``None``). CPU only; check
   :func:`usable` first.
   """
-  time, batch, _ = xs.shape
   hidden = h0.shape[-1]
-  w, b = pack(params, partitions(hidden))
-  absent = jnp.zeros((0,), jnp.uint8)
-  flags = [absent if m is None else jnp.asarray(m).astype(jnp.uint8) for m in (valid, resets)]
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  call = jax.ffi.ffi_call(_TARGET, (f32(time, batch, hidden), f32(batch, hidden), f32(batch, hidden)),
-                          vmap_method="sequential")
-  ys, h, c = call(xs, w, b, h0, c0, *flags)
+  parts = partitions(hidden)
+  w = _split(jnp.concatenate([params["w_x"], params["w_h"]], axis=0), parts, 4)
+  ys, h, c = _call("seqjax_lstm_forward", xs, hidden, 2, w, _split(params["b"], parts, 4),
+                   h0, c0, *_flags(valid, resets))
   return h, c, ys
 
 
-__all__ = ["status", "usable", "partitions", "pack", "lstm_forward"]
+def gru_forward(params, xs, h0, valid=None, resets=None):
+  """``(h_T, ys)``: :func:`seqjax.fused.gru_scan` without gradients, on the kernel."""
+  hidden = h0.shape[-1]
+  parts = partitions(hidden)
+  b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
+  ys, h = _call("seqjax_gru_forward", xs, hidden, 1,
+                *(_split(a, parts, 3) for a in (params["w_x"], params["w_h"], params["b"], b_h)),
+                h0, *_flags(valid, resets))
+  return h, ys
+
+
+__all__ = ["status", "usable", "partitions", "lstm_forward", "gru_forward"]

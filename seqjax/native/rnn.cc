@@ -1,0 +1,386 @@
+// The LSTM and GRU forward recurrences on CPU, for XLA's FFI
+// (seqjax/native/__init__.py).
+//
+// XLA:CPU runs each per-step matmul of a lax.scan recurrence on one core; here
+// the hidden units are split into P partitions, each owning the gate columns
+// of its units, so each partition's step is small matmuls and its own gate
+// math, and threads meet once a step (a spin barrier) to exchange h.
+//
+// Semantics: seqjax.fused.lstm_scan and gru_scan without gradients. valid and
+// resets are [T, B] uint8, or empty when absent: a reset zeroes the carry
+// before its step; an invalid step holds the carry and emits zeros. Weights
+// arrive packed by partition (Hp = H / P units each, a multiple of 16):
+//   LSTM: w [P, D + H, 4 Hp] (rows of w_x, then w_h; columns i, f, g, o),
+//         b [P, 4 Hp]; carry h0, c0 [B, H].
+//   GRU (reset after): wx [P, D, 3 Hp], wh [P, H, 3 Hp] (columns r, z, n),
+//         bx [P, 3 Hp] (b), bh [P, 3 Hp] (zeros, zeros, b_hn); carry h0 [B, H].
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// exp(x) for x in [-88, 88]: 2^n * e^r, |r| <= ln(2)/2, degree-7 Taylor.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);      // ln2 lo
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 sigmoid512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|); below |x| = 2^-12,
+// tanh(x) = x to float precision (this form would lose digits there).
+inline __m512 tanh512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 e = exp512(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
+  __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  t = _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_castps_si512(t),
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000))));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(2.44140625e-4f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(tiny, t, x);
+}
+
+// A persistent pool: the caller plus workers run job(rank) for rank < ranks,
+// meeting at barrier() once a step. Workers spin a little after a job, then
+// sleep, so they do not take the cores from the rest of the program.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers outlive main()
+    return *pool;
+  }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  std::mutex& busy() { return busy_; }
+
+  void run(int ranks, const std::function<void(int)>& job) {
+    ranks_ = ranks;
+    job_ = &job;
+    arrived_.store(0);
+    done_.store(0);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job(0);
+    while (done_.load(std::memory_order_acquire) != ranks - 1) _mm_pause();
+  }
+
+  void barrier() {
+    const int ranks = ranks_;
+    const uint32_t sense = sense_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == ranks - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      sense_.store(sense + 1, std::memory_order_release);
+      return;
+    }
+    for (long spin = 0; sense_.load(std::memory_order_acquire) == sense; ++spin) {
+      if (spin < 4000) _mm_pause(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  Pool() {
+    const unsigned n = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned rank = 1; rank < n; ++rank) workers_.emplace_back([this, rank] { work(rank); });
+    for (auto& w : workers_) w.detach();
+  }
+
+  void work(int rank) {
+    uint64_t seen = 0;
+    for (;;) {
+      long spin = 0;
+      while (generation_.load(std::memory_order_acquire) == seen && spin < 20000) {
+        _mm_pause();
+        ++spin;
+      }
+      if (generation_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load() != seen; });
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (rank < ranks_) {
+        (*job_)(rank);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> arrived_{0}, done_{0};
+  std::atomic<uint32_t> sense_{0};
+  int ranks_ = 1;
+  const std::function<void(int)>* job_ = nullptr;
+};
+
+constexpr long kRows = 8;  // rows of a register tile
+
+// z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 deep; K2 may be 0) for M rows
+// (<= kRows) and V zmm registers of columns; M and V are template arguments
+// so the accumulators stay in registers.
+template <int M, int V>
+void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
+          long N, const float* b, float* z) {
+  __m512 acc[M][V];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(b + 16 * v);
+  auto rank1 = [&](const float* a, long lda, long K, const float* w) {
+    for (long k = 0; k < K; ++k) {
+      __m512 wk[V];
+      for (int v = 0; v < V; ++v) wk[v] = _mm512_loadu_ps(w + k * N + 16 * v);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+      }
+    }
+  };
+  rank1(a1, K1, K1, w1);
+  rank1(a2, K2, K2, w2);
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(z + i * N + 16 * v, acc[i][v]);
+}
+
+using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
+                      const float*, float*);
+template <int V>
+constexpr Tile kTiles[kRows + 1] = {nullptr,     tile<1, V>, tile<2, V>, tile<3, V>, tile<4, V>,
+                                    tile<5, V>,  tile<6, V>, tile<7, V>, tile<8, V>};
+
+// z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (row strides N
+// for w, K for a); N a multiple of 16. Column blocks outside, so each block
+// of w stays in cache across the row tiles.
+void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
+            const float* w2, long N, const float* b, float* z) {
+  for (long n0 = 0; n0 < N; n0 += 32) {
+    const bool two = n0 + 32 <= N;
+    for (long r0 = 0; r0 < B; r0 += kRows) {
+      const long m = std::min(kRows, B - r0);
+      (two ? kTiles<2> : kTiles<1>)[m](a1 + r0 * K1, K1, w1 + n0, a2 + r0 * K2, K2, w2 + n0, N,
+                                     b + n0, z + r0 * N + n0);
+    }
+  }
+}
+
+// valid / resets flags, either of which may be absent.
+struct Flags {
+  const uint8_t* valid;
+  const uint8_t* resets;
+  long T, B;
+  bool live(long t, long r) const { return !valid || valid[t * B + r]; }
+  bool reset(long t, long r) const { return resets && t < T && resets[t * B + r]; }
+};
+
+Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, long B) {
+  return {valid.element_count() ? valid.typed_data() : nullptr,
+          resets.element_count() ? resets.typed_data() : nullptr, T, B};
+}
+
+// Runs step(t, p) for every step t and partition p, partitions shared among
+// the pool's threads, all meeting after each step. A call that finds the pool
+// busy (another recurrence running at the same time) runs alone.
+template <class Step>
+void run_steps(long T, long P, const Step& step) {
+  Pool& pool = Pool::get();
+  std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
+  const long ranks = lock.owns_lock() ? std::min<long>(P, pool.size()) : 1;
+  std::function<void(int)> job = [&](int rank) {
+    for (long t = 0; t < T; ++t) {
+      for (long p = rank; p < P; p += ranks) step(t, p);
+      if (ranks > 1) pool.barrier();
+    }
+  };
+  if (ranks == 1) {
+    job(0);
+  } else {
+    pool.run(static_cast<int>(ranks), job);
+  }
+}
+
+// The initial carry into buffer h (and c), zeroed in rows whose first step resets.
+void start(const Flags& fl, long B, long H, const float* from, float* to) {
+  for (long r = 0; r < B; ++r) {
+    const bool zero = fl.reset(0, r);
+    for (long j = 0; j < H; ++j) to[r * H + j] = zero ? 0.f : from[r * H + j];
+  }
+}
+
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
+                           ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+  const auto xd = xs.dimensions(), wd = w.dimensions();
+  if (xd.size() != 3 || wd.size() != 3 || h0.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("seqjax lstm_forward: expected xs [T,B,D], w [P,K,N], h0 [B,H]");
+  }
+  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], K = wd[1], N = wd[2];
+  const long H = h0.dimensions()[1], Hp = H / P;
+  if (K != D + H || N != 4 * Hp || Hp * P != H || Hp % 16 != 0) {
+    return ffi::Error::InvalidArgument("seqjax lstm_forward: packed weights do not match D, H");
+  }
+  const Flags fl = flags(valid, resets, T, B);
+  const float* X = xs.typed_data();
+  const float* W = w.typed_data();
+  const float* Bias = b.typed_data();
+  float* Y = ys->typed_data();
+  float* HT = h_out->typed_data();
+  float* C = c_out->typed_data();  // the cell state lives here, updated in place
+  std::vector<float> hbuf(2 * B * H), zbuf(P * B * N);
+  start(fl, B, H, h0.typed_data(), hbuf.data());
+  start(fl, B, H, c0.typed_data(), C);
+  if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
+
+  run_steps(T, P, [&](long t, long p) {
+    const float* hin = hbuf.data() + (t & 1) * B * H;
+    float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
+    const float* wp = W + p * K * N;
+    float* z = zbuf.data() + p * B * N;
+    matmul(B, X + t * B * D, D, wp, hin, H, wp + D * N, N, Bias + p * N, z);
+    for (long r = 0; r < B; ++r) {
+      const float* zr = z + r * N;
+      const long off = r * H + p * Hp;
+      const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 c = _mm512_loadu_ps(C + off + j), h = _mm512_loadu_ps(hin + off + j);
+        __m512 y = _mm512_setzero_ps();
+        if (live) {
+          const __m512 i = sigmoid512(_mm512_loadu_ps(zr + j));
+          const __m512 f = sigmoid512(_mm512_loadu_ps(zr + Hp + j));
+          const __m512 g = tanh512(_mm512_loadu_ps(zr + 2 * Hp + j));
+          const __m512 o = sigmoid512(_mm512_loadu_ps(zr + 3 * Hp + j));
+          c = _mm512_add_ps(_mm512_mul_ps(f, c), _mm512_mul_ps(i, g));
+          h = y = _mm512_mul_ps(o, tanh512(c));
+        }
+        _mm512_storeu_ps(Y + t * B * H + off + j, y);
+        if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
+        if (reset_next) h = c = _mm512_setzero_ps();
+        _mm512_storeu_ps(C + off + j, c);
+        _mm512_storeu_ps(hnext + off + j, h);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
+                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bx,
+                          ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
+                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out) {
+  const auto xd = xs.dimensions(), wd = wx.dimensions();
+  if (xd.size() != 3 || wd.size() != 3 || wh.dimensions().size() != 3 ||
+      h0.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("seqjax gru_forward: expected xs [T,B,D], wx, wh [P,K,N], h0 [B,H]");
+  }
+  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = wd[2];
+  const long H = h0.dimensions()[1], Hp = H / P;
+  if (wd[1] != D || wh.dimensions()[1] != H || wh.dimensions()[2] != N || N != 3 * Hp ||
+      Hp * P != H || Hp % 16 != 0) {
+    return ffi::Error::InvalidArgument("seqjax gru_forward: packed weights do not match D, H");
+  }
+  const Flags fl = flags(valid, resets, T, B);
+  const float* X = xs.typed_data();
+  float* Y = ys->typed_data();
+  float* HT = h_out->typed_data();
+  std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N);
+  start(fl, B, H, h0.typed_data(), hbuf.data());
+  if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
+
+  run_steps(T, P, [&](long t, long p) {
+    const float* hin = hbuf.data() + (t & 1) * B * H;
+    float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
+    float* zx = zbuf.data() + 2 * p * B * N;
+    float* zh = zx + B * N;
+    matmul(B, X + t * B * D, D, wx.typed_data() + p * D * N, nullptr, 0, nullptr, N,
+           bx.typed_data() + p * N, zx);
+    matmul(B, hin, H, wh.typed_data() + p * H * N, nullptr, 0, nullptr, N,
+           bh.typed_data() + p * N, zh);
+    for (long r = 0; r < B; ++r) {
+      const float* xr = zx + r * N;
+      const float* hr = zh + r * N;
+      const long off = r * H + p * Hp;
+      const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 h = _mm512_loadu_ps(hin + off + j);
+        __m512 y = _mm512_setzero_ps();
+        if (live) {
+          const __m512 rg = sigmoid512(
+              _mm512_add_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(hr + j)));
+          const __m512 zg = sigmoid512(
+              _mm512_add_ps(_mm512_loadu_ps(xr + Hp + j), _mm512_loadu_ps(hr + Hp + j)));
+          const __m512 n = tanh512(_mm512_fmadd_ps(rg, _mm512_loadu_ps(hr + 2 * Hp + j),
+                                                   _mm512_loadu_ps(xr + 2 * Hp + j)));
+          h = y = _mm512_fmadd_ps(zg, _mm512_sub_ps(h, n), n);  // (1 - z) n + z h
+        }
+        _mm512_storeu_ps(Y + t * B * H + off + j, y);
+        if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
+        if (reset_next) h = _mm512_setzero_ps();
+        _mm512_storeu_ps(hnext + off + j, h);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_T
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // h_T
