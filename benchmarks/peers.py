@@ -9,7 +9,9 @@ For each cell (LSTM, GRU), size and mode it times one call of every contender:
 - ``train``: forward, backward and an SGD update, loss = mean(ys ** 2);
 - ``infer``: forward only.
 
-Contenders: ``seqjax`` (``seqjax.scan``, default options), ``torch``
+Contenders: ``seqjax`` (``seqjax.scan``, default options: on CPU, inference
+runs the native kernels of :mod:`seqjax.native` where they are built; the
+config records ``native.status()``), ``torch``
 (``nn.LSTM``/``nn.GRU``, oneDNN on CPU, cuDNN on a GPU), ``flax`` (``nn.RNN``
 over ``OptimizedLSTMCell``/``GRUCell``), ``keras`` (Keras 3 ``LSTM``/``GRU`` on
 the JAX backend, ``train_on_batch``/``predict_on_batch``; left out where Keras
@@ -51,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqjax  # noqa: E402
-from seqjax import cells  # noqa: E402
+from seqjax import cells, native  # noqa: E402
 
 SIZES = {"a": dict(B=32, T=128, D=256, H=256),
          "b": dict(B=64, T=256, D=512, H=512),
@@ -322,7 +324,8 @@ def main(argv=None):
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
               f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
-                peak_matmul=peak_n, backend=BACKEND, precision=_precision(contenders))
+                peak_matmul=peak_n, backend=BACKEND, precision=_precision(contenders),
+                seqjax_native=native.status())
   common.write(args.out, NAME, config, results)
   print(common.readme_table(NAME, markdown, results, update=args.update_readme))
 

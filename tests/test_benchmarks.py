@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from seqjax import native
+
 # Each runs a script in a subprocess (~1.5 min in all): CI runs them after the
 # default suite, with the other slow tests.
 pytestmark = pytest.mark.slow
@@ -53,6 +55,7 @@ def test_peers(tmp_path):
   # On CPU every contender but JAX's cuDNN LSTM runs.
   assert {r["contender"] for r in rows} == {"seqjax", "torch", "flax", "keras"}
   assert payload["config"]["backend"] == "cpu"
+  assert payload["config"]["seqjax_native"] == native.status()  # the inference kernels, or why not
   assert payload["config"]["contenders"] == ["seqjax", "torch", "flax", "keras"]
   assert payload["config"]["precision"]["torch_float32_matmul_precision"] == "highest"
   assert {(r["cell"], r["mode"]) for r in rows} == {
