@@ -191,6 +191,10 @@ def _fresh_process(env_extra, tmp_path):
       print("STATUS", status)
       print("CUSTOM", "seqjax_gru_forward" in text)
       print("WARNINGS", [str(w.message) for w in caught])
+      try:  # called directly, the kernel says why it cannot run
+        native.gru_forward(*args)
+      except RuntimeError as e:
+        print("DIRECT", e)
   """)
   env = dict(os.environ, SEQJAX_CACHE_DIR=str(tmp_path), **env_extra)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +207,7 @@ def _fresh_process(env_extra, tmp_path):
 def test_disabled_by_environment_falls_back(tmp_path):
   out = _fresh_process({"SEQJAX_NATIVE": "0"}, tmp_path)
   assert "STATUS disabled by SEQJAX_NATIVE=0" in out and "CUSTOM False" in out
+  assert "DIRECT seqjax.native: the kernels cannot run here: disabled by SEQJAX_NATIVE=0" in out
   assert not list(tmp_path.iterdir())  # nothing built
 
 

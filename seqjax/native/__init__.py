@@ -163,6 +163,9 @@ def _flags(valid, resets):
 
 
 def _call(target, xs, hidden, carries, *args):
+  why_not = _load()
+  if why_not is not None:
+    raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
   time, batch, _ = xs.shape
   out = [jax.ShapeDtypeStruct((time, batch, hidden), jnp.float32)]
   out += [jax.ShapeDtypeStruct((batch, hidden), jnp.float32)] * carries
