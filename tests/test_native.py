@@ -74,6 +74,34 @@ def test_partitions_are_whole_registers_and_not_too_small():
   assert native.partitions(40, cores=2) is None  # not a whole number of registers
 
 
+def test_threads_follow_the_setting_and_a_container_quota(monkeypatch):
+  assert native._quota("max 100000\n") is None
+  assert native._quota("200000 100000\n") == 2
+  assert native._quota("150000 100000") == 1 and native._quota("50000 100000") == 1
+  for setting, want in (("3", 3), ("1", 1)):
+    monkeypatch.setenv("SEQJAX_NATIVE_THREADS", setting)
+    native.threads.cache_clear()
+    assert native.threads() == want
+    assert native.partitions(192) == want
+  monkeypatch.setenv("SEQJAX_NATIVE_THREADS", "two")
+  native.threads.cache_clear()
+  with pytest.raises(ValueError, match="SEQJAX_NATIVE_THREADS must be a positive whole number, "
+                                       "got 'two'"):
+    native.threads()
+  monkeypatch.delenv("SEQJAX_NATIVE_THREADS")
+  native.threads.cache_clear()
+  assert 1 <= native.threads() <= len(os.sched_getaffinity(0))
+
+
+def test_one_thread_gives_the_same_values(monkeypatch):
+  args = _problem(8, 20, 4, 64)
+  want = jax.jit(native.lstm_forward)(*args)
+  monkeypatch.setattr(native, "threads", lambda: 1)
+  got = jax.jit(lambda *a: native.lstm_forward(*a))(*args)  # traced anew: one partition
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("b,t,d,h", [
     (16, 40, 24, 64),  # two threads, two full row tiles
     (13, 9, 5, 96),    # a partial row tile

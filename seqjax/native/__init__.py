@@ -14,6 +14,8 @@ or ``c++``) for this machine's CPU the first time it is needed, and cached in
 x86-64 CPU with AVX-512; elsewhere, or with ``SEQJAX_NATIVE=0``, or if the
 build fails (a warning says why), seqjax runs the XLA path: same results to
 float32 rounding, slower on CPU. :func:`status` says which applies.
+``SEQJAX_NATIVE_THREADS`` sets how many threads share a step (default: the
+CPUs this process may use, capped by a container's CPU quota).
 """
 
 from __future__ import annotations
@@ -115,6 +117,32 @@ def status() -> str:
   return _load() or "ready"
 
 
+def _quota(cpu_max: str) -> int | None:
+  """Whole CPUs allowed by a cgroup v2 ``cpu.max`` line (``"200000 100000"`` -> 2)."""
+  quota, _, period = cpu_max.strip().partition(" ")
+  if quota == "max" or not period:
+    return None
+  return max(1, int(quota) // int(period))
+
+
+@functools.cache
+def threads() -> int:
+  """How many threads may share a step: ``SEQJAX_NATIVE_THREADS`` if set, else the
+  CPUs this process may run on, capped by a container's CPU quota (the threads
+  wait for each other every step, so each needs a core of its own)."""
+  setting = os.environ.get("SEQJAX_NATIVE_THREADS")
+  if setting is not None:
+    if not setting.isdigit() or int(setting) < 1:
+      raise ValueError(f"SEQJAX_NATIVE_THREADS must be a positive whole number, got {setting!r}")
+    return int(setting)
+  n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  try:
+    n = min(n, _quota(Path("/sys/fs/cgroup/cpu.max").read_text()) or n)
+  except (OSError, ValueError):
+    pass
+  return n
+
+
 def partitions(hidden: int, cores: int | None = None) -> int | None:
   """How many threads split ``hidden`` units, or ``None`` if the kernel cannot.
 
@@ -123,8 +151,7 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
   """
   if hidden % _LANES:
     return None
-  if cores is None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = cores or threads()
   for p in range(min(cores, hidden // _LANES), 0, -1):
     if hidden % (_LANES * p) == 0 and (p == 1 or hidden // p >= _MIN_UNITS):
       return p
@@ -198,4 +225,4 @@ def gru_forward(params, xs, h0, valid=None, resets=None):
   return h, ys
 
 
-__all__ = ["status", "usable", "partitions", "lstm_forward", "gru_forward"]
+__all__ = ["status", "usable", "threads", "partitions", "lstm_forward", "gru_forward"]
