@@ -22,10 +22,12 @@ returns to zeros before the step). Everything here is time-major: [T, B, ...].
 The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
 
-Float32 inference on CPU (``lstm_scan`` or ``gru_scan`` called without a
-gradient) runs :mod:`seqjax.native`'s kernels where they are available, which
-split each step across the CPU's cores; the ``_fwd``/``_bwd`` rules (any
-gradient) and every other case run the XLA code here.
+In float32 on CPU the loops run :mod:`seqjax.native`'s kernels where they are
+available, which split each step across the CPU's cores: both cells'
+forward without a gradient, and under a gradient the LSTM's forward (saving
+the same residuals as ``_forward``) and its reverse loop (``_lstm_reverse``).
+The weight gradients after the loop, the GRU's gradient and every other case
+(other dtypes, ``matmul_dtype``, other backends) run the XLA code here.
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
@@ -145,14 +147,18 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
 
 
 def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype):
-  out, saved = _forward(params, xs, h0, c0, valid, resets, True, matmul_dtype)
+  xla = lambda *args: _forward(*args, True, matmul_dtype)
+  args = (params, xs, h0, c0, valid, resets)
+  if native.usable(params, xs, (h0, c0), matmul_dtype):  # float32 on CPU
+    kernel = functools.partial(native.lstm_forward, save=True)
+    out, saved = jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+  else:
+    out, saved = xla(*args)
   return out, (params, xs, valid, resets, saved)
 
 
-def _lstm_bwd(matmul_dtype, residuals, cotangents):
-  params, xs, valid, resets, (hs, ps, ks, fs) = residuals
-  dh_t, dc_t, dys = cotangents
-  w_x, w_h = params["w_x"], params["w_h"]
+def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype):
+  """The backward pass's sequential part: ``((dh_0, dc_0), dz [T, B, 4H])``."""
   out = ps.dtype
   hidden = w_h.shape[0]
   w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
@@ -180,8 +186,19 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
       dc_in = jnp.where(r, jnp.zeros_like(dc_in), dc_in)
     return (dh_in, dc_in), dz
 
-  (dh0, dc0), dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets),
-                                reverse=True)  # dz [T, B, 4H]
+  return jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets), reverse=True)
+
+
+def _lstm_bwd(matmul_dtype, residuals, cotangents):
+  params, xs, valid, resets, (hs, ps, ks, fs) = residuals
+  dh_t, dc_t, dys = cotangents
+  w_x, w_h = params["w_x"], params["w_h"]
+  args = (w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
+  xla = lambda *args: _lstm_reverse(*args, matmul_dtype)
+  if native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype):  # float32 on CPU
+    (dh0, dc0), dz = jax.lax.platform_dependent(*args, cpu=native.lstm_reverse, default=xla)
+  else:
+    (dh0, dc0), dz = xla(*args)
   # The weight and input gradients: one large matmul each, over every step.
   grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype),
            "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype),

@@ -1,16 +1,17 @@
-"""Native CPU kernels for the LSTM and GRU forward recurrences (XLA FFI), built on first use.
+"""Native CPU kernels for the LSTM and GRU recurrences (XLA FFI), built on first use.
 
 XLA:CPU runs each per-step matmul of a ``lax.scan`` recurrence on one core, so
 on a multi-core CPU the recurrence leaves the other cores idle. ``rnn.cc``
 splits the hidden units across the cores, each thread owning the gate columns
 of its units, and the threads meet once a step to exchange h
-(benchmarks/README.md has the measurements). :func:`seqjax.fused.lstm_scan`
-and :func:`seqjax.fused.gru_scan` call them for float32 inference on CPU;
-gradients keep the XLA path.
+(benchmarks/README.md has the measurements). :mod:`seqjax.fused` calls them
+in float32 on CPU: the LSTM's and GRU's forward without a gradient, and the
+LSTM's forward (saving what its backward pass reads) and reverse loop under
+one. The GRU's gradient keeps the XLA path.
 
-The kernel is compiled with the system's C++ compiler (``$CXX``, else ``g++``
-or ``c++``) for this machine's CPU the first time it is needed, and cached in
-``$SEQJAX_CACHE_DIR`` (default ``~/.cache/seqjax``). It needs Linux on an
+The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
+or ``c++``) for this machine's CPU the first time they are needed, and cached
+in ``$SEQJAX_CACHE_DIR`` (default ``~/.cache/seqjax``). They need Linux on an
 x86-64 CPU with AVX-512; elsewhere, or with ``SEQJAX_NATIVE=0``, or if the
 build fails (a warning says why), seqjax runs the XLA path: same results to
 float32 rounding, slower on CPU. :func:`status` says which applies.
@@ -34,7 +35,10 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("rnn.cc")
-_TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward", "seqjax_gru_forward": "SeqjaxGruForward"}
+_TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
+            "seqjax_lstm_forward_saving": "SeqjaxLstmForwardSaving",
+            "seqjax_lstm_reverse": "SeqjaxLstmReverse",
+            "seqjax_gru_forward": "SeqjaxGruForward"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 
@@ -189,29 +193,50 @@ def _flags(valid, resets):
           for m in (valid, resets)]
 
 
-def _call(target, xs, hidden, carries, *args):
+def _call(target, shapes, *args):
+  """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``."""
   why_not = _load()
   if why_not is not None:
     raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
-  time, batch, _ = xs.shape
-  out = [jax.ShapeDtypeStruct((time, batch, hidden), jnp.float32)]
-  out += [jax.ShapeDtypeStruct((batch, hidden), jnp.float32)] * carries
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(xs, *args)
+  out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
 
 
-def lstm_forward(params, xs, h0, c0, valid=None, resets=None):
+def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
   """``(h_T, c_T, ys)``: :func:`seqjax.fused.lstm_scan` without gradients, on the kernel.
 
   Same arguments and semantics (time-major ``xs [T, B, D]``, ``h0, c0 [B, H]``,
   ``valid``/``resets`` ``[T, B]`` bool or ``None``). CPU only; check
-  :func:`usable` first.
+  :func:`usable` first. With ``save``, returns ``((h_T, c_T, ys), saved)``:
+  ``saved`` is what the backward pass reads, ``(hs, ps, ks, fs)`` as
+  ``seqjax.fused``'s own forward saves them (zero factors on held steps).
   """
   hidden = h0.shape[-1]
   parts = partitions(hidden)
   w = _split(jnp.concatenate([params["w_x"], params["w_h"]], axis=0), parts, 4)
-  ys, h, c = _call("seqjax_lstm_forward", xs, hidden, 2, w, _split(params["b"], parts, 4),
-                   h0, c0, *_flags(valid, resets))
-  return h, c, ys
+  (time, batch, _), carry = xs.shape, h0.shape
+  args = (xs, w, _split(params["b"], parts, 4), h0, c0, *_flags(valid, resets))
+  shapes = [(time, batch, hidden), carry, carry]
+  if not save:
+    ys, h, c = _call("seqjax_lstm_forward", shapes, *args)
+    return h, c, ys
+  saved_widths = (hidden, 4 * hidden, hidden, hidden)
+  ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
+                           shapes + [(time, batch, width) for width in saved_widths], *args)
+  return (h, c, ys), tuple(saved)
+
+
+def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None):
+  """``((dh_0, dc_0), dz)``: the reverse loop of :func:`seqjax.fused.lstm_scan`'s
+  backward pass, on the kernel (``ps``, ``ks``, ``fs``: what its forward saved;
+  ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from)."""
+  time, batch, hidden = dys.shape
+  parts = partitions(hidden)
+  units = hidden // parts
+  wt = w_h.reshape(parts, units, 4 * hidden).transpose(0, 2, 1)  # [P, 4H, Hp]
+  dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
+                     dh_t, dc_t, dys, ps, ks, fs, wt, *_flags(valid, resets))
+  return (dh, dc), dz
 
 
 def gru_forward(params, xs, h0, valid=None, resets=None):
@@ -219,10 +244,12 @@ def gru_forward(params, xs, h0, valid=None, resets=None):
   hidden = h0.shape[-1]
   parts = partitions(hidden)
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
-  ys, h = _call("seqjax_gru_forward", xs, hidden, 1,
+  (time, batch, _), carry = xs.shape, h0.shape
+  ys, h = _call("seqjax_gru_forward", [(time, batch, hidden), carry], xs,
                 *(_split(a, parts, 3) for a in (params["w_x"], params["w_h"], params["b"], b_h)),
                 h0, *_flags(valid, resets))
   return h, ys
 
 
-__all__ = ["status", "usable", "threads", "partitions", "lstm_forward", "gru_forward"]
+__all__ = ["status", "usable", "threads", "partitions", "lstm_forward", "lstm_reverse",
+           "gru_forward"]

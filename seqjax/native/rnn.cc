@@ -239,11 +239,15 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
   }
 }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
-                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
-                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
-                           ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+// The LSTM over all steps. With `saves` (hs, ps, ks, fs: [T, B, H], [T, B, 4H],
+// [T, B, H], [T, B, H]) it also writes what seqjax.fused's backward pass reads:
+// h_{t-1}; the gate factors g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c_t) o(1-o)
+// (blocks of H, in the unpartitioned column order); o(1 - tanh(c_t)^2); f.
+// Steps that hold the carry save zero factors.
+ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer<ffi::F32>& b,
+                ffi::Buffer<ffi::F32>& h0, ffi::Buffer<ffi::F32>& c0,
+                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
+                float* C, float* const* saves) {
   const auto xd = xs.dimensions(), wd = w.dimensions();
   if (xd.size() != 3 || wd.size() != 3 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("seqjax lstm_forward: expected xs [T,B,D], w [P,K,N], h0 [B,H]");
@@ -257,13 +261,18 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
   const float* X = xs.typed_data();
   const float* W = w.typed_data();
   const float* Bias = b.typed_data();
-  float* Y = ys->typed_data();
-  float* HT = h_out->typed_data();
-  float* C = c_out->typed_data();  // the cell state lives here, updated in place
   std::vector<float> hbuf(2 * B * H), zbuf(P * B * N);
   start(fl, B, H, h0.typed_data(), hbuf.data());
-  start(fl, B, H, c0.typed_data(), C);
+  start(fl, B, H, c0.typed_data(), C);  // the cell state lives in c_T, updated in place
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
+
+  // The saved arrays are written once and read only by the backward pass:
+  // non-temporal stores keep them from evicting the weights from the cache.
+  bool aligned = true;
+  for (int s = 0; saves && s < 4; ++s) aligned &= reinterpret_cast<uintptr_t>(saves[s]) % 64 == 0;
+  auto save = [aligned](float* to, __m512 v) {
+    if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
+  };
 
   run_steps(T, P, [&](long t, long p) {
     const float* hin = hbuf.data() + (t & 1) * B * H;
@@ -271,26 +280,147 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
     matmul(B, X + t * B * D, D, wp, hin, H, wp + D * N, N, Bias + p * N, z);
+    const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
-      const long off = r * H + p * Hp;
+      const long off = r * H + p * Hp, at = t * B * H + off;
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
         __m512 c = _mm512_loadu_ps(C + off + j), h = _mm512_loadu_ps(hin + off + j);
         __m512 y = _mm512_setzero_ps();
+        __m512 factors[4] = {y, y, y, y}, k = y, fs = y;
+        if (saves) save(saves[0] + at + j, h);
         if (live) {
           const __m512 i = sigmoid512(_mm512_loadu_ps(zr + j));
           const __m512 f = sigmoid512(_mm512_loadu_ps(zr + Hp + j));
           const __m512 g = tanh512(_mm512_loadu_ps(zr + 2 * Hp + j));
           const __m512 o = sigmoid512(_mm512_loadu_ps(zr + 3 * Hp + j));
+          const __m512 c_prev = c;
           c = _mm512_add_ps(_mm512_mul_ps(f, c), _mm512_mul_ps(i, g));
-          h = y = _mm512_mul_ps(o, tanh512(c));
+          const __m512 tc = tanh512(c);
+          h = y = _mm512_mul_ps(o, tc);
+          if (saves) {
+            factors[0] = _mm512_mul_ps(_mm512_mul_ps(g, i), _mm512_sub_ps(one, i));
+            factors[1] = _mm512_mul_ps(_mm512_mul_ps(c_prev, f), _mm512_sub_ps(one, f));
+            factors[2] = _mm512_mul_ps(i, _mm512_fnmadd_ps(g, g, one));
+            factors[3] = _mm512_mul_ps(_mm512_mul_ps(tc, o), _mm512_sub_ps(one, o));
+            k = _mm512_mul_ps(o, _mm512_fnmadd_ps(tc, tc, one));
+            fs = f;
+          }
         }
-        _mm512_storeu_ps(Y + t * B * H + off + j, y);
+        if (saves) {
+          for (int gate = 0; gate < 4; ++gate) {
+            save(saves[1] + 4 * (t * B * H + r * H) + gate * H + p * Hp + j, factors[gate]);
+          }
+          save(saves[2] + at + j, k);
+          save(saves[3] + at + j, fs);
+        }
+        _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = c = _mm512_setzero_ps();
         _mm512_storeu_ps(C + off + j, c);
         _mm512_storeu_ps(hnext + off + j, h);
+      }
+    }
+    if (saves && aligned) _mm_sfence();  // the streamed rows, visible before the barrier
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
+                           ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
+  return Lstm(xs, w, b, h0, c0, valid, resets, ys->typed_data(), h_out->typed_data(),
+              c_out->typed_data(), nullptr);
+}
+
+ffi::Error LstmForwardSavingImpl(
+    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
+    ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
+    ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> hs,
+    ffi::ResultBuffer<ffi::F32> ps, ffi::ResultBuffer<ffi::F32> ks,
+    ffi::ResultBuffer<ffi::F32> fs) {
+  float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
+                           fs->typed_data()};
+  return Lstm(xs, w, b, h0, c0, valid, resets, ys->typed_data(), h_out->typed_data(),
+              c_out->typed_data(), saves);
+}
+
+// The LSTM's reverse loop: seqjax.fused._lstm_bwd's scan. From the carry
+// gradients dh_T, dc_T and per-step dys [T, B, H] and the forward's saves
+// ps [T, B, 4H], ks, fs [T, B, H], it writes dz [T, B, 4H] (the gate
+// gradients, for the weight gradients after the loop) and dh_0, dc_0.
+// Partition p owns units p Hp ... (p + 1) Hp: their dz columns, then (after a
+// barrier: this needs every dz column) their columns of dh = dz w_h^T, from
+// wt [P, 4H, Hp] (w_h's rows of those units, transposed).
+ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_T,
+                           ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> ps,
+                           ffi::Buffer<ffi::F32> ks, ffi::Buffer<ffi::F32> fs,
+                           ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
+                           ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out) {
+  const auto yd = dys.dimensions(), wd = wt.dimensions();
+  if (yd.size() != 3 || wd.size() != 3) {
+    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], wt [P,4H,Hp]");
+  }
+  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 4 * H;
+  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || ps.element_count() != T * B * G) {
+    return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
+  }
+  const Flags fl = flags(valid, resets, T, B);
+  const float* DY = dys.typed_data();
+  const float* PS = ps.typed_data();
+  const float* KS = ks.typed_data();
+  const float* FS = fs.typed_data();
+  const float* WT = wt.typed_data();
+  float* DZ = dz_out->typed_data();
+  float* DH = dh_out->typed_data();  // the carry gradients live in the outputs
+  float* DC = dc_out->typed_data();
+  std::memcpy(DH, dh_T.typed_data(), B * H * sizeof(float));
+  std::memcpy(DC, dc_T.typed_data(), B * H * sizeof(float));
+  std::vector<float> products(P * B * Hp);  // each partition's [B, Hp] of dz w_h^T
+  const std::vector<float> zeros(Hp, 0.f);
+
+  // Phase 0 of step s (t = T - 1 - s): each partition's dz columns and dc.
+  // Phase 1: its columns of dh. A barrier sits between (and after) phases.
+  run_steps(2 * T, P, [&](long phase_step, long p) {
+    const long t = T - 1 - phase_step / 2;
+    if (phase_step % 2 == 0) {
+      for (long r = 0; r < B; ++r) {
+        const long off = r * H + p * Hp, at = t * B * H + off;
+        const bool live = fl.live(t, r);
+        const float* pr = PS + (t * B + r) * G + p * Hp;
+        float* dzr = DZ + (t * B + r) * G + p * Hp;
+        for (long j = 0; j < Hp; j += 16) {
+          __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
+          __m512 dc = _mm512_loadu_ps(DC + off + j);
+          if (!live) dh = dc = _mm512_setzero_ps();
+          const __m512 dct = _mm512_fmadd_ps(dh, _mm512_loadu_ps(KS + at + j), dc);
+          for (int gate = 0; gate < 4; ++gate) {
+            _mm512_storeu_ps(dzr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j),
+                                                               gate < 3 ? dct : dh));
+          }
+          if (live) _mm512_storeu_ps(DC + off + j, _mm512_mul_ps(dct, _mm512_loadu_ps(FS + at + j)));
+        }
+      }
+    } else {
+      float* product = products.data() + p * B * Hp;
+      matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(),
+             product);
+      for (long r = 0; r < B; ++r) {
+        const long off = r * H + p * Hp;
+        const bool live = fl.live(t, r), reset = fl.reset(t, r);
+        for (long j = 0; j < Hp; j += 16) {
+          __m512 dh = live ? _mm512_loadu_ps(product + r * Hp + j) : _mm512_loadu_ps(DH + off + j);
+          if (reset) {
+            dh = _mm512_setzero_ps();
+            _mm512_storeu_ps(DC + off + j, dh);
+          }
+          _mm512_storeu_ps(DH + off + j, dh);
+        }
       }
     }
   });
@@ -371,6 +501,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h_T
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c_T
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ps
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ks
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // fs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ks
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // fs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc_0
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
