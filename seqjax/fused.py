@@ -23,11 +23,12 @@ The scan driver uses these functions by default (``unroll=1``); other
 ``unroll`` values and the other drivers run the cells' ``step``.
 
 In float32 on CPU the loops run :mod:`seqjax.native`'s kernels where they are
-available, which split each step across the CPU's cores: both cells'
-forward without a gradient, and under a gradient the LSTM's forward (saving
-the same residuals as ``_forward``) and its reverse loop (``_lstm_reverse``).
-The weight gradients after the loop, the GRU's gradient and every other case
-(other dtypes, ``matmul_dtype``, other backends) run the XLA code here.
+available, which split each step across the CPU's cores: each cell's forward
+loop (saving the same residuals as ``_forward``/``_gru_forward`` when a
+gradient is taken) and its backward pass's reverse loop
+(``_lstm_reverse``/``_gru_reverse``). The weight gradients after the loops
+and every other case (other dtypes, ``matmul_dtype``, other backends) run the
+XLA code here.
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
@@ -273,15 +274,19 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype):
 
 
 def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype):
-  out, saved = _gru_forward(params, xs, h0, valid, resets, True, matmul_dtype)
+  xla = lambda *args: _gru_forward(*args, True, matmul_dtype)
+  args = (params, xs, h0, valid, resets)
+  if native.usable(params, xs, (h0,), matmul_dtype):  # float32 on CPU
+    kernel = functools.partial(native.gru_forward, save=True)
+    out, saved = jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+  else:
+    out, saved = xla(*args)
   return out, (params, xs, valid, resets, saved)
 
 
-def _gru_bwd(matmul_dtype, residuals, cotangents):
-  params, xs, valid, resets, (hs, px, ph, zs) = residuals
-  dh_t, dys = cotangents
-  w_x, w_h = params["w_x"], params["w_h"]
-  out = px.dtype
+def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype):
+  """The backward pass's sequential part: ``(dh_0, dh_steps [T, B, H])``."""
+  out = ph.dtype
   w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
 
   def step(dh, inputs):
@@ -296,7 +301,19 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
       dh_in = jnp.where(r_t[:, None], jnp.zeros_like(dh_in), dh_in)
     return dh_in, dh_step
 
-  dh0, dh_steps = jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+  return jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+
+
+def _gru_bwd(matmul_dtype, residuals, cotangents):
+  params, xs, valid, resets, (hs, px, ph, zs) = residuals
+  dh_t, dys = cotangents
+  w_x, w_h = params["w_x"], params["w_h"]
+  args = (w_h, dh_t, dys, ph, zs, valid, resets)
+  xla = lambda *args: _gru_reverse(*args, matmul_dtype)
+  if native.usable(params, xs, (dh_t, dys), matmul_dtype):  # float32 on CPU
+    dh0, dh_steps = jax.lax.platform_dependent(*args, cpu=native.gru_reverse, default=xla)
+  else:
+    dh0, dh_steps = xla(*args)
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]

@@ -93,13 +93,13 @@ def test_threads_follow_the_setting_and_a_container_quota(monkeypatch):
   assert 1 <= native.threads() <= len(os.sched_getaffinity(0))
 
 
-def test_one_thread_gives_the_same_values(monkeypatch):
+def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch):
   args = _problem(8, 20, 4, 64)
   want = jax.jit(native.lstm_forward)(*args)
   monkeypatch.setattr(native, "threads", lambda: 1)
   got = jax.jit(lambda *a: native.lstm_forward(*a))(*args)  # traced anew: one partition
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+  for g, w in zip(got, want):  # each output is summed in the same order either way
+    np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("b,t,d,h", [
@@ -157,11 +157,9 @@ def test_gradients_agree_with_the_inference_value_and_float64(kind):
   loss = lambda p, *rest: jnp.sum(scan(p, *rest, None, None, None)[-1] ** 2)
   value, grads = jax.jit(jax.value_and_grad(loss))(params, *rest)
   lowered = _lowered(jax.grad(loss), params, *rest)
-  if kind == "lstm":  # both loops of the LSTM's gradient run on kernels
-    assert "seqjax_lstm_forward_saving" in lowered and "seqjax_lstm_reverse" in lowered
-    assert "while" not in lowered
-  else:  # the GRU's gradient runs on XLA
-    assert "while" in lowered and not any(t in lowered for t in TARGETS)
+  # Both loops of the gradient run on kernels.
+  assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
+  assert "while" not in lowered
   assert f"seqjax_{kind}_forward" in _lowered(loss, params, *rest)
   np.testing.assert_allclose(jax.jit(loss)(params, *rest), value, rtol=1e-5)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
@@ -252,33 +250,36 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
 
 @pytest.mark.parametrize("masks", ["none", "both"])
 @pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (4, 0, 3, 32)])
-def test_the_saving_lstm_kernel_saves_what_the_xla_forward_saves(b, t, d, h, masks):
-  params, xs, h0, c0 = _problem(b, t, d, h)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_saving_kernel_saves_what_the_xla_forward_saves(kind, b, t, d, h, masks):
+  args = _problem(b, t, d, h, kind=kind)
   rng = np.random.default_rng(t + h)
   valid = rng.random((t, b)) < 0.7 if masks == "both" else None
   resets = rng.random((t, b)) < 0.2 if masks == "both" else None
-  (got, got_saved) = jax.jit(functools.partial(native.lstm_forward, save=True))(
-      params, xs, h0, c0, valid, resets)
-  want, want_saved = jax.jit(lambda *a: fused._forward(*a, True, None))(
-      params, xs, h0, c0, valid, resets)
+  got, got_saved = jax.jit(functools.partial(KERNELS[kind], save=True))(*args, valid, resets)
+  forward = fused._forward if kind == "lstm" else fused._gru_forward
+  want, want_saved = jax.jit(lambda *a: forward(*a, True, None))(*args, valid, resets)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
   live = np.ones((t, b), bool) if valid is None else valid
-  for name, g, w in zip(("hs", "ps", "ks", "fs"), got_saved, want_saved):
-    assert g.shape == w.shape, name
-    # Steps that hold the carry save zero factors (their gradients are zero).
-    w = np.where(live[..., None] | (name == "hs"), w, 0)
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=name)
+  assert len(got_saved) == len(want_saved) == 4
+  for i, (g, w) in enumerate(zip(got_saved, want_saved)):
+    assert g.shape == w.shape, i
+    # Steps that hold the carry save zero factors (their gradients are zero);
+    # the first saved array is the step's input h, saved on every step.
+    w = np.where(live[..., None] | (i == 0), w, 0)
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=str(i))
 
 
-def test_lstm_training_takes_the_kernels_and_matches_the_reference():
-  cell = cells.LSTM(64)
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_takes_the_kernels_and_matches_the_reference(kind):
+  cell = CELLS[kind](64)
   params = cell.init(jax.random.key(0), 6, jnp.float32)
   xs = jax.random.normal(jax.random.key(1), (4, 9, 6), jnp.float32)
   options = {"resets": np.eye(4, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8, 3])}
   loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
   lowered = _lowered(jax.grad(loss), params, xs)
-  assert "seqjax_lstm_forward_saving" in lowered and "seqjax_lstm_reverse" in lowered
+  assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   loss64 = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, unroll=2, **options)[1] ** 2)
@@ -289,18 +290,26 @@ def test_lstm_training_takes_the_kernels_and_matches_the_reference():
 
 @pytest.mark.parametrize("masks", ["none", "valid", "resets", "both"])
 @pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (3, 5, 7, 48), (4, 0, 3, 32)])
-def test_the_reverse_kernel_equals_the_xla_reverse_loop(b, t, d, h, masks):
-  params, xs, h0, c0 = _problem(b, t, d, h)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_reverse_kernel_equals_the_xla_reverse_loop(kind, b, t, d, h, masks):
+  params, xs, *carry = _problem(b, t, d, h, kind=kind)
   rng = np.random.default_rng(b + t + h)
   valid = rng.random((t, b)) < 0.7 if masks in ("valid", "both") else None
   resets = rng.random((t, b)) < 0.2 if masks in ("resets", "both") else None
-  _, (_, ps, ks, fs) = fused._forward(params, xs, h0, c0, valid, resets, True, None)
   k = jax.random.split(jax.random.key(7), 3)
-  dh, dc = (jax.random.normal(kk, (b, h), jnp.float32) for kk in k[:2])
+  d_carry = [jax.random.normal(kk, (b, h), jnp.float32) for kk in k[:len(carry)]]
   dys = jax.random.normal(k[2], (t, b, h), jnp.float32)
-  args = (params["w_h"], dh, dc, dys, ps, ks, fs, valid, resets)
-  (got_dh, got_dc), got_dz = jax.jit(native.lstm_reverse)(*args)
-  (want_dh, want_dc), want_dz = jax.jit(lambda *a: fused._lstm_reverse(*a, None))(*args)
-  for name, g, w in (("dh0", got_dh, want_dh), ("dc0", got_dc, want_dc), ("dz", got_dz, want_dz)):
-    assert g.shape == w.shape, name
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=name)
+  if kind == "lstm":
+    _, (_, ps, ks, fs) = fused._forward(params, xs, *carry, valid, resets, True, None)
+    args = (params["w_h"], *d_carry, dys, ps, ks, fs, valid, resets)
+    kernel, xla = native.lstm_reverse, fused._lstm_reverse
+  else:
+    _, (_, _, ph, zs) = fused._gru_forward(params, xs, *carry, valid, resets, True, None)
+    args = (params["w_h"], *d_carry, dys, ph, zs, valid, resets)
+    kernel, xla = native.gru_reverse, fused._gru_reverse
+  got = jax.tree.leaves(jax.jit(kernel)(*args))
+  want = jax.tree.leaves(jax.jit(lambda *a: xla(*a, None))(*args))
+  assert len(got) == len(want) == len(carry) + 1
+  for i, (g, w) in enumerate(zip(got, want)):
+    assert g.shape == w.shape, i
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=str(i))

@@ -5,9 +5,8 @@ on a multi-core CPU the recurrence leaves the other cores idle. ``rnn.cc``
 splits the hidden units across the cores, each thread owning the gate columns
 of its units, and the threads meet once a step to exchange h
 (benchmarks/README.md has the measurements). :mod:`seqjax.fused` calls them
-in float32 on CPU: the LSTM's and GRU's forward without a gradient, and the
-LSTM's forward (saving what its backward pass reads) and reverse loop under
-one. The GRU's gradient keeps the XLA path.
+in float32 on CPU: each cell's forward loop, saving what its backward pass
+reads when a gradient is taken, and its backward pass's reverse loop.
 
 The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time they are needed, and cached
@@ -38,7 +37,9 @@ _SOURCE = Path(__file__).with_name("rnn.cc")
 _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_lstm_forward_saving": "SeqjaxLstmForwardSaving",
             "seqjax_lstm_reverse": "SeqjaxLstmReverse",
-            "seqjax_gru_forward": "SeqjaxGruForward"}
+            "seqjax_gru_forward": "SeqjaxGruForward",
+            "seqjax_gru_forward_saving": "SeqjaxGruForwardSaving",
+            "seqjax_gru_reverse": "SeqjaxGruReverse"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 
@@ -239,17 +240,41 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None):
   return (dh, dc), dz
 
 
-def gru_forward(params, xs, h0, valid=None, resets=None):
-  """``(h_T, ys)``: :func:`seqjax.fused.gru_scan` without gradients, on the kernel."""
+def gru_forward(params, xs, h0, valid=None, resets=None, save=False):
+  """``(h_T, ys)``: :func:`seqjax.fused.gru_scan` without gradients, on the kernel.
+
+  With ``save``, returns ``((h_T, ys), saved)``: ``saved`` is what the backward
+  pass reads, ``(hs, px, ph, zs)`` as ``seqjax.fused``'s own forward saves them
+  (zero factors on held steps).
+  """
   hidden = h0.shape[-1]
   parts = partitions(hidden)
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
   (time, batch, _), carry = xs.shape, h0.shape
-  ys, h = _call("seqjax_gru_forward", [(time, batch, hidden), carry], xs,
-                *(_split(a, parts, 3) for a in (params["w_x"], params["w_h"], params["b"], b_h)),
-                h0, *_flags(valid, resets))
-  return h, ys
+  args = (xs, *(_split(a, parts, 3) for a in (params["w_x"], params["w_h"], params["b"], b_h)),
+          h0, *_flags(valid, resets))
+  shapes = [(time, batch, hidden), carry]
+  if not save:
+    ys, h = _call("seqjax_gru_forward", shapes, *args)
+    return h, ys
+  saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
+  ys, h, *saved = _call("seqjax_gru_forward_saving",
+                        shapes + [(time, batch, width) for width in saved_widths], *args)
+  return (h, ys), tuple(saved)
+
+
+def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None):
+  """``(dh_0, dh_steps)``: the reverse loop of :func:`seqjax.fused.gru_scan`'s
+  backward pass, on the kernel (``ph``, ``zs``: what its forward saved;
+  ``dh_steps [T, B, H]``: the gradient reaching each step's output)."""
+  time, batch, hidden = dys.shape
+  parts = partitions(hidden)
+  units = hidden // parts
+  wt = w_h.reshape(parts, units, 3 * hidden).transpose(0, 2, 1)  # [P, 3H, Hp]
+  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape],
+                    dh_t, dys, ph, zs, wt, *_flags(valid, resets))
+  return dh, steps
 
 
 __all__ = ["status", "usable", "threads", "partitions", "lstm_forward", "lstm_reverse",
-           "gru_forward"]
+           "gru_forward", "gru_reverse"]

@@ -427,11 +427,15 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   return ffi::Error::Success();
 }
 
-ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
-                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bx,
-                          ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
-                          ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
-                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out) {
+// The GRU over all steps. With `saves` (hs [T, B, H], px, ph [T, B, 3H],
+// zs [T, B, H]) it also writes what seqjax.fused's backward pass reads:
+// h_{t-1}; with a = (1 - z)(1 - n^2), dr = a (h W_hn + b_hn) r (1 - r) and
+// dz = (h - n) z (1 - z): px = [dr, dz, a] and ph = [dr, dz, a r] (blocks of
+// H, unpartitioned); z. Steps that hold the carry save zero factors.
+ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer<ffi::F32>& wh,
+               ffi::Buffer<ffi::F32>& bx, ffi::Buffer<ffi::F32>& bh, ffi::Buffer<ffi::F32>& h0,
+               ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
+               float* const* saves) {
   const auto xd = xs.dimensions(), wd = wx.dimensions();
   if (xd.size() != 3 || wd.size() != 3 || wh.dimensions().size() != 3 ||
       h0.dimensions().size() != 2) {
@@ -445,11 +449,14 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
   }
   const Flags fl = flags(valid, resets, T, B);
   const float* X = xs.typed_data();
-  float* Y = ys->typed_data();
-  float* HT = h_out->typed_data();
   std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
+  bool aligned = true;  // non-temporal stores for the saves, as in Lstm
+  for (int s = 0; saves && s < 4; ++s) aligned &= reinterpret_cast<uintptr_t>(saves[s]) % 64 == 0;
+  auto save = [aligned](float* to, __m512 v) {
+    if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
+  };
 
   run_steps(T, P, [&](long t, long p) {
     const float* hin = hbuf.data() + (t & 1) * B * H;
@@ -460,27 +467,137 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
            bx.typed_data() + p * N, zx);
     matmul(B, hin, H, wh.typed_data() + p * H * N, nullptr, 0, nullptr, N,
            bh.typed_data() + p * N, zh);
+    const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* xr = zx + r * N;
       const float* hr = zh + r * N;
-      const long off = r * H + p * Hp;
+      const long off = r * H + p * Hp, at = t * B * H + off;
+      const long wide = 3 * (t * B * H + r * H) + p * Hp;  // [T, B, 3H] row, own units
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
         __m512 h = _mm512_loadu_ps(hin + off + j);
         __m512 y = _mm512_setzero_ps();
+        __m512 dr = y, dz = y, a = y, ar = y, zs = y;
+        if (saves) save(saves[0] + at + j, h);
         if (live) {
           const __m512 rg = sigmoid512(
               _mm512_add_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(hr + j)));
           const __m512 zg = sigmoid512(
               _mm512_add_ps(_mm512_loadu_ps(xr + Hp + j), _mm512_loadu_ps(hr + Hp + j)));
-          const __m512 n = tanh512(_mm512_fmadd_ps(rg, _mm512_loadu_ps(hr + 2 * Hp + j),
-                                                   _mm512_loadu_ps(xr + 2 * Hp + j)));
+          const __m512 hn = _mm512_loadu_ps(hr + 2 * Hp + j);
+          const __m512 n = tanh512(_mm512_fmadd_ps(rg, hn, _mm512_loadu_ps(xr + 2 * Hp + j)));
+          if (saves) {
+            a = _mm512_mul_ps(_mm512_sub_ps(one, zg), _mm512_fnmadd_ps(n, n, one));
+            dr = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(a, hn), rg), _mm512_sub_ps(one, rg));
+            dz = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(h, n), zg), _mm512_sub_ps(one, zg));
+            ar = _mm512_mul_ps(a, rg);
+            zs = zg;
+          }
           h = y = _mm512_fmadd_ps(zg, _mm512_sub_ps(h, n), n);  // (1 - z) n + z h
         }
-        _mm512_storeu_ps(Y + t * B * H + off + j, y);
+        if (saves) {
+          save(saves[1] + wide + j, dr);
+          save(saves[1] + wide + H + j, dz);
+          save(saves[1] + wide + 2 * H + j, a);
+          save(saves[2] + wide + j, dr);
+          save(saves[2] + wide + H + j, dz);
+          save(saves[2] + wide + 2 * H + j, ar);
+          save(saves[3] + at + j, zs);
+        }
+        _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = _mm512_setzero_ps();
         _mm512_storeu_ps(hnext + off + j, h);
+      }
+    }
+    if (saves && aligned) _mm_sfence();
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
+                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bx,
+                          ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
+                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out) {
+  return Gru(xs, wx, wh, bx, bh, h0, valid, resets, ys->typed_data(), h_out->typed_data(),
+             nullptr);
+}
+
+ffi::Error GruForwardSavingImpl(
+    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> wh,
+    ffi::Buffer<ffi::F32> bx, ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
+    ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
+    ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> hs,
+    ffi::ResultBuffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> ph,
+    ffi::ResultBuffer<ffi::F32> zs) {
+  float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
+                           zs->typed_data()};
+  return Gru(xs, wx, wh, bx, bh, h0, valid, resets, ys->typed_data(), h_out->typed_data(),
+             saves);
+}
+
+// The GRU's reverse loop: seqjax.fused._gru_bwd's scan. From dh_T, dys and
+// the forward's saves ph [T, B, 3H] and zs [T, B, H], it writes
+// dh_steps [T, B, H] (the gradient reaching each step's output, from which
+// the gate and weight gradients are built after the loop) and dh_0. Phase 0:
+// each partition's dh_step and its columns of g = [dh_step]*3 ph; phase 1
+// (every column of g needed): its columns of dh = g w_h^T + dh_step z, from
+// wt [P, 3H, Hp].
+ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
+                          ffi::Buffer<ffi::F32> ph, ffi::Buffer<ffi::F32> zs,
+                          ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::U8> valid,
+                          ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
+                          ffi::ResultBuffer<ffi::F32> dh_out) {
+  const auto yd = dys.dimensions(), wd = wt.dimensions();
+  if (yd.size() != 3 || wd.size() != 3) {
+    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], wt [P,3H,Hp]");
+  }
+  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 3 * H;
+  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || ph.element_count() != T * B * G) {
+    return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
+  }
+  const Flags fl = flags(valid, resets, T, B);
+  const float* DY = dys.typed_data();
+  const float* PH = ph.typed_data();
+  const float* ZS = zs.typed_data();
+  const float* WT = wt.typed_data();
+  float* STEPS = steps_out->typed_data();
+  float* DH = dh_out->typed_data();  // the carry gradient lives in the output
+  std::memcpy(DH, dh_T.typed_data(), B * H * sizeof(float));
+  std::vector<float> g(B * G), products(P * B * Hp);
+  const std::vector<float> zeros(Hp, 0.f);
+
+  run_steps(2 * T, P, [&](long phase_step, long p) {
+    const long t = T - 1 - phase_step / 2;
+    if (phase_step % 2 == 0) {
+      for (long r = 0; r < B; ++r) {
+        const long off = r * H + p * Hp, at = t * B * H + off;
+        const float* pr = PH + (t * B + r) * G + p * Hp;
+        float* gr = g.data() + r * G + p * Hp;
+        for (long j = 0; j < Hp; j += 16) {
+          __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
+          if (!fl.live(t, r)) dh = _mm512_setzero_ps();
+          _mm512_storeu_ps(STEPS + at + j, dh);
+          for (int gate = 0; gate < 3; ++gate) {
+            _mm512_storeu_ps(gr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j), dh));
+          }
+        }
+      }
+    } else {
+      float* product = products.data() + p * B * Hp;
+      matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(), product);
+      for (long r = 0; r < B; ++r) {
+        const long off = r * H + p * Hp, at = t * B * H + off;
+        const bool live = fl.live(t, r), reset = fl.reset(t, r);
+        for (long j = 0; j < Hp; j += 16) {
+          __m512 dh = live ? _mm512_fmadd_ps(_mm512_loadu_ps(STEPS + at + j),
+                                             _mm512_loadu_ps(ZS + at + j),
+                                             _mm512_loadu_ps(product + r * Hp + j))
+                           : _mm512_loadu_ps(DH + off + j);
+          if (reset) dh = _mm512_setzero_ps();
+          _mm512_storeu_ps(DH + off + j, dh);
+        }
       }
     }
   });
@@ -546,3 +663,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ys
                                   .Ret<ffi::Buffer<ffi::F32>>());  // h_T
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bh
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // px
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ph
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // zs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ph
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // zs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh_0
