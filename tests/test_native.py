@@ -313,3 +313,24 @@ def test_the_reverse_kernel_equals_the_xla_reverse_loop(kind, b, t, d, h, masks)
   for i, (g, w) in enumerate(zip(got, want)):
     assert g.shape == w.shape, i
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=str(i))
+
+
+def test_a_fresh_process_starts_its_workers_and_finishes():
+  """The first split call starts the pool's worker; a worker that missed its
+  start would leave the call waiting forever (here: the subprocess timeout)."""
+  code = textwrap.dedent("""
+      import jax, numpy as np
+      from seqjax import native
+      from tests.test_native import _problem, _xla
+      for seed in range(3):
+        args = _problem(8, 50, 4, 64, seed=seed)
+        np.testing.assert_allclose(jax.jit(native.lstm_forward)(*args)[2], _xla(*args)[2],
+                                   rtol=2e-5, atol=2e-6)
+      print("DONE", native.partitions(64))
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, SEQJAX_NATIVE_THREADS="2")
+  run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "DONE 2" in run.stdout

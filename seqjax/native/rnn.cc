@@ -1,19 +1,24 @@
-// The LSTM and GRU forward recurrences on CPU, for XLA's FFI
-// (seqjax/native/__init__.py).
+// The LSTM and GRU recurrences on CPU, for XLA's FFI (seqjax/native/__init__.py).
 //
 // XLA:CPU runs each per-step matmul of a lax.scan recurrence on one core; here
 // the hidden units are split into P partitions, each owning the gate columns
 // of its units, so each partition's step is small matmuls and its own gate
-// math, and threads meet once a step (a spin barrier) to exchange h.
+// math, and threads meet once a step (a spin barrier) to exchange h. Every
+// output element is summed in the same order whatever P is, so results do not
+// depend on the thread count.
 //
-// Semantics: seqjax.fused.lstm_scan and gru_scan without gradients. valid and
-// resets are [T, B] uint8, or empty when absent: a reset zeroes the carry
-// before its step; an invalid step holds the carry and emits zeros. Weights
-// arrive packed by partition (Hp = H / P units each, a multiple of 16):
+// Semantics: seqjax.fused's loops. The forward loops (LSTM, GRU), optionally
+// saving what the backward pass reads, and the backward passes' reverse
+// loops. valid and resets are [T, B] uint8, or empty when absent: a reset
+// zeroes the carry before its step; an invalid step holds the carry and emits
+// zeros. Weights arrive packed by partition (Hp = H / P units each, a
+// multiple of 16):
 //   LSTM: w [P, D + H, 4 Hp] (rows of w_x, then w_h; columns i, f, g, o),
 //         b [P, 4 Hp]; carry h0, c0 [B, H].
 //   GRU (reset after): wx [P, D, 3 Hp], wh [P, H, 3 Hp] (columns r, z, n),
 //         bx [P, 3 Hp] (b), bh [P, 3 Hp] (zeros, zeros, b_hn); carry h0 [B, H].
+//   Reverse loops: wt [P, G H, Hp], w_h's rows of each partition's units,
+//         transposed (G = 4 for the LSTM, 3 for the GRU).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -70,25 +75,34 @@ inline __m512 tanh512(__m512 x) {
 }
 
 // A persistent pool: the caller plus workers run job(rank) for rank < ranks,
-// meeting at barrier() once a step. Workers spin a little after a job, then
-// sleep, so they do not take the cores from the rest of the program.
+// meeting at barrier() once a step. Workers are started as calls first need
+// them, spin a little after a job, then sleep, so they do not take the cores
+// from the rest of the program. Callers take busy() first: one job at a time.
 class Pool {
  public:
   static Pool& get() {
     static Pool* pool = new Pool();  // never destroyed: workers outlive main()
     return *pool;
   }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
   std::mutex& busy() { return busy_; }
 
   void run(int ranks, const std::function<void(int)>& job) {
+    while (static_cast<int>(workers_.size()) < ranks - 1) {
+      const int rank = static_cast<int>(workers_.size()) + 1;
+      const uint64_t before = word_.load();  // so the new worker sees this call's word as new
+      workers_.emplace_back([this, rank, before] { work(rank, before); });
+      workers_.back().detach();
+    }
     ranks_ = ranks;
     job_ = &job;
     arrived_.store(0);
     done_.store(0);
     {
+      // The generation and its rank count change together, in one word, so a
+      // worker never pairs one call's generation with another's rank count.
       std::lock_guard<std::mutex> lock(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      const uint64_t next = (word_.load() >> 16) + 1;
+      word_.store(next << 16 | static_cast<uint64_t>(ranks), std::memory_order_release);
     }
     cv_.notify_all();
     job(0);
@@ -109,26 +123,19 @@ class Pool {
   }
 
  private:
-  Pool() {
-    const unsigned n = std::max(1u, std::thread::hardware_concurrency());
-    for (unsigned rank = 1; rank < n; ++rank) workers_.emplace_back([this, rank] { work(rank); });
-    for (auto& w : workers_) w.detach();
-  }
-
-  void work(int rank) {
-    uint64_t seen = 0;
+  void work(int rank, uint64_t seen) {
     for (;;) {
-      long spin = 0;
-      while (generation_.load(std::memory_order_acquire) == seen && spin < 20000) {
+      uint64_t word = seen;
+      for (long spin = 0; spin < 20000 && (word = word_.load(std::memory_order_acquire)) == seen;
+           ++spin) {
         _mm_pause();
-        ++spin;
       }
-      if (generation_.load(std::memory_order_acquire) == seen) {
+      if (word == seen) {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        cv_.wait(lock, [&] { return (word = word_.load(std::memory_order_acquire)) != seen; });
       }
-      seen = generation_.load(std::memory_order_acquire);
-      if (rank < ranks_) {
+      seen = word;
+      if (rank < static_cast<int>(word & 0xffff)) {  // a rank of this call
         (*job_)(rank);
         done_.fetch_add(1, std::memory_order_acq_rel);
       }
@@ -138,7 +145,7 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex busy_, mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> word_{0};  // generation << 16 | ranks
   std::atomic<int> arrived_{0}, done_{0};
   std::atomic<uint32_t> sense_{0};
   int ranks_ = 1;
@@ -217,7 +224,7 @@ template <class Step>
 void run_steps(long T, long P, const Step& step) {
   Pool& pool = Pool::get();
   std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
-  const long ranks = lock.owns_lock() ? std::min<long>(P, pool.size()) : 1;
+  const long ranks = lock.owns_lock() ? std::min<long>(P, 1024) : 1;  // P: Python's threads()
   std::function<void(int)> job = [&](int rank) {
     for (long t = 0; t < T; ++t) {
       for (long p = rank; p < P; p += ranks) step(t, p);
@@ -367,7 +374,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], wt [P,4H,Hp]");
   }
   const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 4 * H;
-  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || ps.element_count() != T * B * G) {
+  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ps.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
@@ -554,7 +561,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
     return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], wt [P,3H,Hp]");
   }
   const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 3 * H;
-  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || ph.element_count() != T * B * G) {
+  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ph.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
