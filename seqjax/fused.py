@@ -36,9 +36,12 @@ dtype; the gate arithmetic and the carry stay in the parameters' dtype.
 
 Notes:
   Being ``jax.custom_vjp`` functions, they support reverse mode (``grad``,
-  ``vjp``, ``jacrev``, reverse-over-reverse) but not forward mode: ``jax.jvp``
-  and ``jax.jacfwd`` raise JAX's "can't apply forward-mode autodiff" error.
-  For forward mode, run the scan with ``unroll=2`` or ``method="unroll"``.
+  ``vjp``, ``jacrev``) but not forward mode: ``jax.jvp`` and ``jax.jacfwd``
+  raise JAX's "can't apply forward-mode autodiff" error. Reverse-over-reverse
+  works on the XLA path only: where the native kernels run (float32 on CPU),
+  a second derivative raises JAX's "FFI call ... cannot be differentiated";
+  set ``SEQJAX_NATIVE=0`` for it. For forward mode, run the scan with
+  ``unroll=2`` or ``method="unroll"``.
 """
 
 from __future__ import annotations
