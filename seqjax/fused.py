@@ -81,6 +81,14 @@ def _outer_sum(a, b, dtype, out_dtype):
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
 
 
+def _kernel_or_xla(use_kernel: bool, kernel, xla, *args):
+  """``kernel(*args)`` where lowered for CPU if ``use_kernel`` (float32 on CPU,
+  :func:`seqjax.native.usable`), else ``xla(*args)``: the same loop in XLA."""
+  if use_kernel:
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+  return xla(*args)
+
+
 def _like(grads, params):
   """Gradients in their parameters' dtypes (float32 weights, float64 inputs)."""
   return {k: g.astype(params[k].dtype) for k, g in grads.items()}
@@ -143,21 +151,16 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
     resets: [T, B] bool or ``None``: the carry returns to zeros before the step.
     matmul_dtype: ``None``, or the dtype matmul operands are rounded to.
   """
-  xla = lambda *args: _forward(*args, False, matmul_dtype)[0]
-  args = (params, xs, h0, c0, valid, resets)
-  if native.usable(params, xs, (h0, c0), matmul_dtype):  # float32 inference on CPU
-    return jax.lax.platform_dependent(*args, cpu=native.lstm_forward, default=xla)
-  return xla(*args)
+  return _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype), native.lstm_forward,
+                        lambda *args: _forward(*args, False, matmul_dtype)[0],
+                        params, xs, h0, c0, valid, resets)
 
 
 def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype):
-  xla = lambda *args: _forward(*args, True, matmul_dtype)
-  args = (params, xs, h0, c0, valid, resets)
-  if native.usable(params, xs, (h0, c0), matmul_dtype):  # float32 on CPU
-    kernel = functools.partial(native.lstm_forward, save=True)
-    out, saved = jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
-  else:
-    out, saved = xla(*args)
+  out, saved = _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype),
+                              functools.partial(native.lstm_forward, save=True),
+                              lambda *args: _forward(*args, True, matmul_dtype),
+                              params, xs, h0, c0, valid, resets)
   return out, (params, xs, valid, resets, saved)
 
 
@@ -197,12 +200,10 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, ps, ks, fs) = residuals
   dh_t, dc_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
-  args = (w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
-  xla = lambda *args: _lstm_reverse(*args, matmul_dtype)
-  if native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype):  # float32 on CPU
-    (dh0, dc0), dz = jax.lax.platform_dependent(*args, cpu=native.lstm_reverse, default=xla)
-  else:
-    (dh0, dc0), dz = xla(*args)
+  (dh0, dc0), dz = _kernel_or_xla(native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype),
+                                  native.lstm_reverse,
+                                  lambda *args: _lstm_reverse(*args, matmul_dtype),
+                                  w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
   # The weight and input gradients: one large matmul each, over every step.
   grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype),
            "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype),
@@ -269,21 +270,16 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype):
     xs, h0, valid, resets, matmul_dtype: as for :func:`lstm_scan` (``h0`` is
       the carry).
   """
-  xla = lambda *args: _gru_forward(*args, False, matmul_dtype)[0]
-  args = (params, xs, h0, valid, resets)
-  if native.usable(params, xs, (h0,), matmul_dtype):  # float32 inference on CPU
-    return jax.lax.platform_dependent(*args, cpu=native.gru_forward, default=xla)
-  return xla(*args)
+  return _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype), native.gru_forward,
+                        lambda *args: _gru_forward(*args, False, matmul_dtype)[0],
+                        params, xs, h0, valid, resets)
 
 
 def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype):
-  xla = lambda *args: _gru_forward(*args, True, matmul_dtype)
-  args = (params, xs, h0, valid, resets)
-  if native.usable(params, xs, (h0,), matmul_dtype):  # float32 on CPU
-    kernel = functools.partial(native.gru_forward, save=True)
-    out, saved = jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
-  else:
-    out, saved = xla(*args)
+  out, saved = _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype),
+                              functools.partial(native.gru_forward, save=True),
+                              lambda *args: _gru_forward(*args, True, matmul_dtype),
+                              params, xs, h0, valid, resets)
   return out, (params, xs, valid, resets, saved)
 
 
@@ -311,12 +307,10 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, px, ph, zs) = residuals
   dh_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
-  args = (w_h, dh_t, dys, ph, zs, valid, resets)
-  xla = lambda *args: _gru_reverse(*args, matmul_dtype)
-  if native.usable(params, xs, (dh_t, dys), matmul_dtype):  # float32 on CPU
-    dh0, dh_steps = jax.lax.platform_dependent(*args, cpu=native.gru_reverse, default=xla)
-  else:
-    dh0, dh_steps = xla(*args)
+  dh0, dh_steps = _kernel_or_xla(native.usable(params, xs, (dh_t, dys), matmul_dtype),
+                                 native.gru_reverse,
+                                 lambda *args: _gru_reverse(*args, matmul_dtype),
+                                 w_h, dh_t, dys, ph, zs, valid, resets)
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]

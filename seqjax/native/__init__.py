@@ -164,9 +164,9 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
 
 
 def usable(params, xs, carry, matmul_dtype) -> bool:
-  """Whether :func:`lstm_forward`/:func:`gru_forward` can run this call.
+  """Whether the kernels can run this call (forward or reverse loop).
 
-  That is: float32 parameters, inputs and ``carry`` (a tuple of [B, H] arrays),
+  That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
   no ``matmul_dtype``, a CPU backend, a hidden size it splits, and the kernels
   built.
   """

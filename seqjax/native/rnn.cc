@@ -238,6 +238,21 @@ void run_steps(long T, long P, const Step& step) {
   }
 }
 
+// The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
+// partition, a barrier, then carry(t, p) (which reads every partition's
+// gates), and a barrier.
+template <class Gates, class Carry>
+void run_reverse_steps(long T, long P, const Gates& gates, const Carry& carry) {
+  run_steps(2 * T, P, [&](long phase_step, long p) {
+    const long t = T - 1 - phase_step / 2;
+    if (phase_step % 2 == 0) {
+      gates(t, p);
+    } else {
+      carry(t, p);
+    }
+  });
+}
+
 // The initial carry into buffer h (and c), zeroed in rows whose first step resets.
 void start(const Flags& fl, long B, long H, const float* from, float* to) {
   for (long r = 0; r < B; ++r) {
@@ -391,46 +406,44 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   std::vector<float> products(P * B * Hp);  // each partition's [B, Hp] of dz w_h^T
   const std::vector<float> zeros(Hp, 0.f);
 
-  // Phase 0 of step s (t = T - 1 - s): each partition's dz columns and dc.
-  // Phase 1: its columns of dh. A barrier sits between (and after) phases.
-  run_steps(2 * T, P, [&](long phase_step, long p) {
-    const long t = T - 1 - phase_step / 2;
-    if (phase_step % 2 == 0) {
-      for (long r = 0; r < B; ++r) {
-        const long off = r * H + p * Hp, at = t * B * H + off;
-        const bool live = fl.live(t, r);
-        const float* pr = PS + (t * B + r) * G + p * Hp;
-        float* dzr = DZ + (t * B + r) * G + p * Hp;
-        for (long j = 0; j < Hp; j += 16) {
-          __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
-          __m512 dc = _mm512_loadu_ps(DC + off + j);
-          if (!live) dh = dc = _mm512_setzero_ps();
-          const __m512 dct = _mm512_fmadd_ps(dh, _mm512_loadu_ps(KS + at + j), dc);
-          for (int gate = 0; gate < 4; ++gate) {
-            _mm512_storeu_ps(dzr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j),
-                                                               gate < 3 ? dct : dh));
-          }
-          if (live) _mm512_storeu_ps(DC + off + j, _mm512_mul_ps(dct, _mm512_loadu_ps(FS + at + j)));
+  // Gates: each partition's dz columns and dc. Carry: its columns of dh.
+  auto gates = [&](long t, long p) {
+    for (long r = 0; r < B; ++r) {
+      const long off = r * H + p * Hp, at = t * B * H + off;
+      const bool live = fl.live(t, r);
+      const float* pr = PS + (t * B + r) * G + p * Hp;
+      float* dzr = DZ + (t * B + r) * G + p * Hp;
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
+        __m512 dc = _mm512_loadu_ps(DC + off + j);
+        if (!live) dh = dc = _mm512_setzero_ps();
+        const __m512 dct = _mm512_fmadd_ps(dh, _mm512_loadu_ps(KS + at + j), dc);
+        for (int gate = 0; gate < 4; ++gate) {
+          _mm512_storeu_ps(dzr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j),
+                                                             gate < 3 ? dct : dh));
         }
-      }
-    } else {
-      float* product = products.data() + p * B * Hp;
-      matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(),
-             product);
-      for (long r = 0; r < B; ++r) {
-        const long off = r * H + p * Hp;
-        const bool live = fl.live(t, r), reset = fl.reset(t, r);
-        for (long j = 0; j < Hp; j += 16) {
-          __m512 dh = live ? _mm512_loadu_ps(product + r * Hp + j) : _mm512_loadu_ps(DH + off + j);
-          if (reset) {
-            dh = _mm512_setzero_ps();
-            _mm512_storeu_ps(DC + off + j, dh);
-          }
-          _mm512_storeu_ps(DH + off + j, dh);
-        }
+        if (live) _mm512_storeu_ps(DC + off + j, _mm512_mul_ps(dct, _mm512_loadu_ps(FS + at + j)));
       }
     }
-  });
+  };
+  auto carry = [&](long t, long p) {
+    float* product = products.data() + p * B * Hp;
+    matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(),
+           product);
+    for (long r = 0; r < B; ++r) {
+      const long off = r * H + p * Hp;
+      const bool live = fl.live(t, r), reset = fl.reset(t, r);
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 dh = live ? _mm512_loadu_ps(product + r * Hp + j) : _mm512_loadu_ps(DH + off + j);
+        if (reset) {
+          dh = _mm512_setzero_ps();
+          _mm512_storeu_ps(DC + off + j, dh);
+        }
+        _mm512_storeu_ps(DH + off + j, dh);
+      }
+    }
+  };
+  run_reverse_steps(T, P, gates, carry);
   return ffi::Error::Success();
 }
 
@@ -547,8 +560,8 @@ ffi::Error GruForwardSavingImpl(
 // The GRU's reverse loop: seqjax.fused._gru_bwd's scan. From dh_T, dys and
 // the forward's saves ph [T, B, 3H] and zs [T, B, H], it writes
 // dh_steps [T, B, H] (the gradient reaching each step's output, from which
-// the gate and weight gradients are built after the loop) and dh_0. Phase 0:
-// each partition's dh_step and its columns of g = [dh_step]*3 ph; phase 1
+// the gate and weight gradients are built after the loop) and dh_0. Gates:
+// each partition's dh_step and its columns of g = [dh_step]*3 ph; carry
 // (every column of g needed): its columns of dh = g w_h^T + dh_step z, from
 // wt [P, 3H, Hp].
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
@@ -575,39 +588,38 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   std::vector<float> g(B * G), products(P * B * Hp);
   const std::vector<float> zeros(Hp, 0.f);
 
-  run_steps(2 * T, P, [&](long phase_step, long p) {
-    const long t = T - 1 - phase_step / 2;
-    if (phase_step % 2 == 0) {
-      for (long r = 0; r < B; ++r) {
-        const long off = r * H + p * Hp, at = t * B * H + off;
-        const float* pr = PH + (t * B + r) * G + p * Hp;
-        float* gr = g.data() + r * G + p * Hp;
-        for (long j = 0; j < Hp; j += 16) {
-          __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
-          if (!fl.live(t, r)) dh = _mm512_setzero_ps();
-          _mm512_storeu_ps(STEPS + at + j, dh);
-          for (int gate = 0; gate < 3; ++gate) {
-            _mm512_storeu_ps(gr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j), dh));
-          }
-        }
-      }
-    } else {
-      float* product = products.data() + p * B * Hp;
-      matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(), product);
-      for (long r = 0; r < B; ++r) {
-        const long off = r * H + p * Hp, at = t * B * H + off;
-        const bool live = fl.live(t, r), reset = fl.reset(t, r);
-        for (long j = 0; j < Hp; j += 16) {
-          __m512 dh = live ? _mm512_fmadd_ps(_mm512_loadu_ps(STEPS + at + j),
-                                             _mm512_loadu_ps(ZS + at + j),
-                                             _mm512_loadu_ps(product + r * Hp + j))
-                           : _mm512_loadu_ps(DH + off + j);
-          if (reset) dh = _mm512_setzero_ps();
-          _mm512_storeu_ps(DH + off + j, dh);
+  auto gates = [&](long t, long p) {
+    for (long r = 0; r < B; ++r) {
+      const long off = r * H + p * Hp, at = t * B * H + off;
+      const float* pr = PH + (t * B + r) * G + p * Hp;
+      float* gr = g.data() + r * G + p * Hp;
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
+        if (!fl.live(t, r)) dh = _mm512_setzero_ps();
+        _mm512_storeu_ps(STEPS + at + j, dh);
+        for (int gate = 0; gate < 3; ++gate) {
+          _mm512_storeu_ps(gr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j), dh));
         }
       }
     }
-  });
+  };
+  auto carry = [&](long t, long p) {
+    float* product = products.data() + p * B * Hp;
+    matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(), product);
+    for (long r = 0; r < B; ++r) {
+      const long off = r * H + p * Hp, at = t * B * H + off;
+      const bool live = fl.live(t, r), reset = fl.reset(t, r);
+      for (long j = 0; j < Hp; j += 16) {
+        __m512 dh = live ? _mm512_fmadd_ps(_mm512_loadu_ps(STEPS + at + j),
+                                           _mm512_loadu_ps(ZS + at + j),
+                                           _mm512_loadu_ps(product + r * Hp + j))
+                         : _mm512_loadu_ps(DH + off + j);
+        if (reset) dh = _mm512_setzero_ps();
+        _mm512_storeu_ps(DH + off + j, dh);
+      }
+    }
+  };
+  run_reverse_steps(T, P, gates, carry);
   return ffi::Error::Success();
 }
 
