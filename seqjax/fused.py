@@ -36,12 +36,11 @@ dtype; the gate arithmetic and the carry stay in the parameters' dtype.
 
 Notes:
   Being ``jax.custom_vjp`` functions, they support reverse mode (``grad``,
-  ``vjp``, ``jacrev``) but not forward mode: ``jax.jvp`` and ``jax.jacfwd``
-  raise JAX's "can't apply forward-mode autodiff" error. Reverse-over-reverse
-  works on the XLA path only: where the native kernels run (float32 on CPU),
-  a second derivative raises JAX's "FFI call ... cannot be differentiated";
-  set ``SEQJAX_NATIVE=0`` for it. For forward mode, run the scan with
-  ``unroll=2`` or ``method="unroll"``.
+  ``vjp``, ``jacrev``, and reverse over reverse) but not forward mode:
+  ``jax.jvp`` and ``jax.jacfwd`` raise JAX's "can't apply forward-mode
+  autodiff" error. For forward mode, run the scan with ``unroll=2`` or
+  ``method="unroll"``. A second derivative differentiates the XLA loops, also
+  where the first runs on the native kernels.
 """
 
 from __future__ import annotations
@@ -83,10 +82,22 @@ def _outer_sum(a, b, dtype, out_dtype):
 
 def _kernel_or_xla(use_kernel: bool, kernel, xla, *args):
   """``kernel(*args)`` where lowered for CPU if ``use_kernel`` (float32 on CPU,
-  :func:`seqjax.native.usable`), else ``xla(*args)``: the same loop in XLA."""
-  if use_kernel:
+  :func:`seqjax.native.usable`), else ``xla(*args)``: the same loop in XLA.
+
+  A kernel call has no derivative of its own. It is differentiated only when a
+  gradient is itself differentiated (the kernels run inside ``_lstm_fwd`` and
+  ``_lstm_bwd``), and then it takes the derivative of ``xla``, the same
+  function, so second derivatives work on either path.
+  """
+  if not use_kernel:
+    return xla(*args)
+
+  @jax.custom_vjp
+  def run(*args):
     return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
-  return xla(*args)
+
+  run.defvjp(lambda *args: jax.vjp(xla, *args), lambda vjp, cotangents: vjp(cotangents))
+  return run(*args)
 
 
 def _like(grads, params):

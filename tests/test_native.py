@@ -334,3 +334,25 @@ def test_a_fresh_process_starts_its_workers_and_finishes():
                        text=True, timeout=120, check=False)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "DONE 2" in run.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_derivatives_through_the_kernels_match_float64(kind):
+  """Grad of grad in float32 where the kernels run: it differentiates the XLA
+  loops (a kernel has no derivative of its own) instead of failing."""
+  params, xs, *carry = _problem(4, 7, 5, 32, kind=kind)
+  assert native.usable(params, xs, carry, None)
+  valid = np.arange(28).reshape(7, 4) % 5 != 2
+  resets = np.eye(7, 4, 1, dtype=bool)
+  scan = _scan(kind)
+
+  def gradient_norm(p, x, *carry):
+    loss = lambda p: jnp.sum(jnp.tanh(scan(p, x, *carry, valid, resets, None)[-1]) ** 2)
+    return sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(loss)(p)))
+
+  got = jax.jit(jax.grad(gradient_norm, argnums=(0, 1)))(params, xs, *carry)
+  as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+  want = jax.grad(gradient_norm, argnums=(0, 1))(as64(params), as64(xs), *as64(carry))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
+    assert np.abs(w).max() > 1e-3  # a second derivative that is there to compare
