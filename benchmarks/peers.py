@@ -10,8 +10,9 @@ For each cell (LSTM, GRU), size and mode it times one call of every contender:
 - ``infer``: forward only.
 
 Contenders: ``seqjax`` (``seqjax.scan``, default options: on CPU, inference
-runs the native kernels of :mod:`seqjax.native` where they are built; the
-config records ``native.status()``), ``torch``
+and training run the native kernels of :mod:`seqjax.native` where they are
+built; the config records ``native.status()``), ``seqjax_xla`` (the same with
+the kernels off, so seqjax's ratio to it is what the kernels gain), ``torch``
 (``nn.LSTM``/``nn.GRU``, oneDNN on CPU, cuDNN on a GPU), ``flax`` (``nn.RNN``
 over ``OptimizedLSTMCell``/``GRUCell``), ``keras`` (Keras 3 ``LSTM``/``GRU`` on
 the JAX backend, ``train_on_batch``/``predict_on_batch``; left out where Keras
@@ -101,6 +102,15 @@ def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
   def forward(params, xs):
     return seqjax.scan(cell, params, xs)[1]
   return _jax_run(forward, params, xs, mode)
+
+
+def seqjax_xla_contender(cell_name, size, mode):
+  """``seqjax`` with the native kernels off (:func:`seqjax.native.disabled`):
+  the XLA path, so seqjax's ratio to it is the kernels' gain."""
+  with native.disabled():
+    run = seqjax_contender(cell_name, size, mode)
+    run()  # traced and compiled here: it keeps the XLA path
+  return run
 
 
 def flax_contender(cell_name, size, mode):
@@ -205,7 +215,8 @@ def keras_contender(cell_name, size, mode):
   return lambda: model.train_on_batch(xs, zeros)
 
 
-CONTENDERS = {"seqjax": seqjax_contender, "torch": torch_contender,
+CONTENDERS = {"seqjax": seqjax_contender, "seqjax_xla": seqjax_xla_contender,
+              "torch": torch_contender,
               "flax": flax_contender, "keras": keras_contender, "cudnn": cudnn_contender}
 
 

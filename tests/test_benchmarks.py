@@ -53,10 +53,10 @@ def test_peers(tmp_path):
   rows = [r for r in payload["results"] if "contender" in r]
   ratios = [r for r in payload["results"] if "vs" in r]
   # On CPU every contender but JAX's cuDNN LSTM runs.
-  assert {r["contender"] for r in rows} == {"seqjax", "torch", "flax", "keras"}
+  assert {r["contender"] for r in rows} == {"seqjax", "seqjax_xla", "torch", "flax", "keras"}
   assert payload["config"]["backend"] == "cpu"
   assert payload["config"]["seqjax_native"] == native.status()  # the inference kernels, or why not
-  assert payload["config"]["contenders"] == ["seqjax", "torch", "flax", "keras"]
+  assert payload["config"]["contenders"] == ["seqjax", "seqjax_xla", "torch", "flax", "keras"]
   assert payload["config"]["precision"]["torch_float32_matmul_precision"] == "highest"
   assert {(r["cell"], r["mode"]) for r in rows} == {
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
@@ -74,7 +74,7 @@ def test_peers(tmp_path):
   lstm_train = next(r for r in rows if r["cell"] == "lstm" and r["mode"] == "train")
   assert lstm_train["gflops"]["median"] == pytest.approx(
       lstm_train["tokens_per_s"]["median"] * 3 * 2 * (8 + 8) * 4 * 8 / 1e9)
-  assert len(ratios) == 3 * 4  # three peers, for each cell and mode
+  assert len(ratios) == 4 * 4  # four peers, for each cell and mode
   for r in ratios:
     _spread(r["ratio"])
   assert "| LSTM | (q) B4 T16 D=H=8 | train |" in out  # the README table

@@ -106,6 +106,8 @@ def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch):
     (16, 40, 24, 64),  # two threads, two full row tiles
     (13, 9, 5, 96),    # a partial row tile
     (1, 7, 1, 32),     # one row, one input feature
+    (1, 4, 5, 80),     # one row (eight panels at a time), narrower tiles at a row's end
+    (2, 6, 3, 80),     # two rows (four panels at a time)
     (3, 5, 7, 48),     # one partition
     (9, 1, 3, 16),     # one step
     (4, 0, 3, 32),     # no steps
@@ -289,7 +291,8 @@ def test_training_takes_the_kernels_and_matches_the_reference(kind):
 
 
 @pytest.mark.parametrize("masks", ["none", "valid", "resets", "both"])
-@pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (3, 5, 7, 48), (4, 0, 3, 32)])
+@pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (3, 5, 7, 48), (1, 4, 5, 80),
+                                     (4, 0, 3, 32)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_reverse_kernel_equals_the_xla_reverse_loop(kind, b, t, d, h, masks):
   params, xs, *carry = _problem(b, t, d, h, kind=kind)
@@ -356,3 +359,17 @@ def test_second_derivatives_through_the_kernels_match_float64(kind):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
     assert np.abs(w).max() > 1e-3  # a second derivative that is there to compare
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
+  params, xs, *carry = _problem(4, 6, 5, 32, kind=kind)
+  run = lambda *a: _scan(kind)(*a, None, None, None)
+  with native.disabled():
+    assert not native.usable(params, xs, carry, None)
+    xla = jax.jit(lambda *a: run(*a)).lower(params, xs, *carry)
+  assert native.usable(params, xs, carry, None)
+  assert not any(t in xla.as_text() for t in TARGETS) and "while" in xla.as_text()
+  assert f"seqjax_{kind}_forward" in _lowered(run, params, xs, *carry)
+  for got, want in zip(xla.compile()(params, xs, *carry), jax.jit(run)(params, xs, *carry)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)

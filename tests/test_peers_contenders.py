@@ -84,5 +84,5 @@ def test_asking_for_cudnn_without_a_gpu_is_one_clear_error():
   assert "Traceback" not in done.stderr
   done = _peers_cli("seqjax,pytorch")
   assert done.returncode == 2
-  assert "unknown contender 'pytorch': expected some of seqjax, torch, flax, keras, cudnn" \
+  assert "unknown contender 'pytorch': expected some of seqjax, seqjax_xla, torch, flax, keras, cudnn" \
          in done.stderr

@@ -16,10 +16,12 @@ build fails (a warning says why), seqjax runs the XLA path: same results to
 float32 rounding, slower on CPU. :func:`status` says which applies.
 ``SEQJAX_NATIVE_THREADS`` sets how many threads share a step (default: the
 CPUs this process may use, capped by a container's CPU quota).
+:func:`disabled` traces a block's functions on the XLA path, to compare the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -27,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -167,9 +170,11 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
-  no ``matmul_dtype``, a CPU backend, a hidden size it splits, and the kernels
-  built.
+  no ``matmul_dtype``, a CPU backend, a hidden size it splits, the kernels
+  built, and not inside :func:`disabled`.
   """
+  if getattr(_disabled, "on", False):
+    return False
   arrays = (*params.values(), xs, *carry)
   if matmul_dtype is not None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
     return False
@@ -179,6 +184,29 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   return partitions(h0.shape[-1]) is not None and _load() is None
 
 
+_disabled = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+  """Functions traced inside this block take the XLA path (in this thread).
+
+  The choice is made when a function is traced: a jitted function first
+  called (or lowered) inside the block keeps the XLA path afterwards, and one
+  traced before it keeps the kernels. For comparing the two paths in one
+  process::
+
+      with native.disabled():
+        xla = jax.jit(lambda p, x: seqjax.scan(cell, p, x)).lower(params, xs).compile()
+  """
+  before = getattr(_disabled, "on", False)
+  _disabled.on = True
+  try:
+    yield
+  finally:
+    _disabled.on = before
+
+
 def _split(a, parts: int, blocks: int):
   """``a [..., blocks * H]`` -> ``[parts, ..., blocks * H / parts]``: each partition's
   units of every gate block, blocks in order."""
@@ -186,6 +214,13 @@ def _split(a, parts: int, blocks: int):
   units = width // blocks // parts
   a = a.reshape(*lead, blocks, parts, units)
   return jnp.moveaxis(a, -2, 0).reshape(parts, *lead, blocks * units)
+
+
+def _panels(w):
+  """Each partition's ``[K, N]`` matrix in panels of 16 columns, ``[P, N / 16, K, 16]``:
+  the kernels' matmuls read a panel's rows one after another."""
+  parts, depth, width = w.shape
+  return w.reshape(parts, depth, width // _LANES, _LANES).transpose(0, 2, 1, 3)
 
 
 def _flags(valid, resets):
@@ -214,7 +249,7 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
   """
   hidden = h0.shape[-1]
   parts = partitions(hidden)
-  w = _split(jnp.concatenate([params["w_x"], params["w_h"]], axis=0), parts, 4)
+  w = _panels(_split(jnp.concatenate([params["w_x"], params["w_h"]], axis=0), parts, 4))
   (time, batch, _), carry = xs.shape, h0.shape
   args = (xs, w, _split(params["b"], parts, 4), h0, c0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry, carry]
@@ -234,7 +269,7 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None):
   time, batch, hidden = dys.shape
   parts = partitions(hidden)
   units = hidden // parts
-  wt = w_h.reshape(parts, units, 4 * hidden).transpose(0, 2, 1)  # [P, 4H, Hp]
+  wt = _panels(w_h.reshape(parts, units, 4 * hidden).transpose(0, 2, 1))  # of [P, 4H, Hp]
   dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
                      dh_t, dc_t, dys, ps, ks, fs, wt, *_flags(valid, resets))
   return (dh, dc), dz
@@ -251,8 +286,9 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False):
   parts = partitions(hidden)
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
   (time, batch, _), carry = xs.shape, h0.shape
-  args = (xs, *(_split(a, parts, 3) for a in (params["w_x"], params["w_h"], params["b"], b_h)),
-          h0, *_flags(valid, resets))
+  w_x, w_h = (_panels(_split(params[k], parts, 3)) for k in ("w_x", "w_h"))
+  args = (xs, w_x, w_h, *(_split(b, parts, 3) for b in (params["b"], b_h)), h0,
+          *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry]
   if not save:
     ys, h = _call("seqjax_gru_forward", shapes, *args)
@@ -270,11 +306,11 @@ def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None):
   time, batch, hidden = dys.shape
   parts = partitions(hidden)
   units = hidden // parts
-  wt = w_h.reshape(parts, units, 3 * hidden).transpose(0, 2, 1)  # [P, 3H, Hp]
+  wt = _panels(w_h.reshape(parts, units, 3 * hidden).transpose(0, 2, 1))  # of [P, 3H, Hp]
   steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape],
                     dh_t, dys, ph, zs, wt, *_flags(valid, resets))
   return dh, steps
 
 
-__all__ = ["status", "usable", "threads", "partitions", "lstm_forward", "lstm_reverse",
+__all__ = ["status", "usable", "disabled", "threads", "partitions", "lstm_forward", "lstm_reverse",
            "gru_forward", "gru_reverse"]

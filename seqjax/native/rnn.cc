@@ -12,13 +12,15 @@
 // loops. valid and resets are [T, B] uint8, or empty when absent: a reset
 // zeroes the carry before its step; an invalid step holds the carry and emits
 // zeros. Weights arrive packed by partition (Hp = H / P units each, a
-// multiple of 16):
-//   LSTM: w [P, D + H, 4 Hp] (rows of w_x, then w_h; columns i, f, g, o),
-//         b [P, 4 Hp]; carry h0, c0 [B, H].
-//   GRU (reset after): wx [P, D, 3 Hp], wh [P, H, 3 Hp] (columns r, z, n),
-//         bx [P, 3 Hp] (b), bh [P, 3 Hp] (zeros, zeros, b_hn); carry h0 [B, H].
-//   Reverse loops: wt [P, G H, Hp], w_h's rows of each partition's units,
-//         transposed (G = 4 for the LSTM, 3 for the GRU).
+// multiple of 16), each partition's [K, N] matrix in panels of 16 columns,
+// [N / 16, K, 16], so a matmul reads each panel's rows one after another:
+//   LSTM: w [P, 4 Hp / 16, D + H, 16] (rows of w_x, then w_h; columns i, f,
+//         g, o), b [P, 4 Hp]; carry h0, c0 [B, H].
+//   GRU (reset after): wx [P, 3 Hp / 16, D, 16], wh [P, 3 Hp / 16, H, 16]
+//         (columns r, z, n), bx [P, 3 Hp] (b), bh [P, 3 Hp] (zeros, zeros,
+//         b_hn); carry h0 [B, H].
+//   Reverse loops: wt [P, Hp / 16, G H, 16], w_h's rows of each partition's
+//         units, transposed (G = 4 for the LSTM, 3 for the GRU).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -153,13 +155,15 @@ class Pool {
 };
 
 constexpr long kRows = 8;  // rows of a register tile
+constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 
 // z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 deep; K2 may be 0) for M rows
-// (<= kRows) and V zmm registers of columns; M and V are template arguments
+// (<= kRows) and V panels of 16 columns (panel v of w at w + v S, row k at
+// + 16 k); rows of a and z are K and N apart. M and V are template arguments
 // so the accumulators stay in registers.
 template <int M, int V>
 void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
-          long N, const float* b, float* z) {
+          long S, long N, const float* b, float* z) {
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
@@ -167,7 +171,10 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
   auto rank1 = [&](const float* a, long lda, long K, const float* w) {
     for (long k = 0; k < K; ++k) {
       __m512 wk[V];
-      for (int v = 0; v < V; ++v) wk[v] = _mm512_loadu_ps(w + k * N + 16 * v);
+      for (int v = 0; v < V; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + v * S + 16 * (k + kAhead)), _MM_HINT_T0);
+        wk[v] = _mm512_loadu_ps(w + v * S + 16 * k);
+      }
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
         const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
@@ -183,23 +190,31 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
 }
 
 using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
-                      const float*, float*);
+                      long, const float*, float*);
 template <int V>
 constexpr Tile kTiles[kRows + 1] = {nullptr,     tile<1, V>, tile<2, V>, tile<3, V>, tile<4, V>,
                                     tile<5, V>,  tile<6, V>, tile<7, V>, tile<8, V>};
 
-// z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (row strides N
-// for w, K for a); N a multiple of 16. Column blocks outside, so each block
-// of w stays in cache across the row tiles.
+// z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N], w1 and w2 in
+// panels of 16 columns S apart (a panel's rows 16 apart); N a multiple of 16.
+// Column blocks outside, so each block of w stays in cache across the row
+// tiles. A tile sums k in order whatever its shape, so the shapes are free:
+// with few rows, more panels at a time keep 8 or more accumulators in flight
+// (the FMA latency), and one row (a matrix-vector product) reads 8 panels.
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
-            const float* w2, long N, const float* b, float* z) {
-  for (long n0 = 0; n0 < N; n0 += 32) {
-    const bool two = n0 + 32 <= N;
+            const float* w2, long S, long N, const float* b, float* z) {
+  const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
+  for (long n0 = 0; n0 < N;) {
+    long v = wide;
+    while (n0 + 16 * v > N) v /= 2;
+    const long panel = n0 / 16 * S;
     for (long r0 = 0; r0 < B; r0 += kRows) {
       const long m = std::min(kRows, B - r0);
-      (two ? kTiles<2> : kTiles<1>)[m](a1 + r0 * K1, K1, w1 + n0, a2 + r0 * K2, K2, w2 + n0, N,
-                                     b + n0, z + r0 * N + n0);
+      const Tile tile = (v == 8 ? kTiles<8> : v == 4 ? kTiles<4> : v == 2 ? kTiles<2> : kTiles<1>)[m];
+      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, N, b + n0,
+           z + r0 * N + n0);
     }
+    n0 += 16 * v;
   }
 }
 
@@ -271,10 +286,10 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer
                 ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
                 float* C, float* const* saves) {
   const auto xd = xs.dimensions(), wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 3 || h0.dimensions().size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax lstm_forward: expected xs [T,B,D], w [P,K,N], h0 [B,H]");
+  if (xd.size() != 3 || wd.size() != 4 || wd[3] != 16 || h0.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("seqjax lstm_forward: expected xs [T,B,D], w [P,N/16,K,16], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], K = wd[1], N = wd[2];
+  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = 16 * wd[1], K = wd[2];
   const long H = h0.dimensions()[1], Hp = H / P;
   if (K != D + H || N != 4 * Hp || Hp * P != H || Hp % 16 != 0) {
     return ffi::Error::InvalidArgument("seqjax lstm_forward: packed weights do not match D, H");
@@ -301,7 +316,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
-    matmul(B, X + t * B * D, D, wp, hin, H, wp + D * N, N, Bias + p * N, z);
+    matmul(B, X + t * B * D, D, wp, hin, H, wp + 16 * D, 16 * K, N, Bias + p * N, z);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
@@ -377,7 +392,7 @@ ffi::Error LstmForwardSavingImpl(
 // gradients, for the weight gradients after the loop) and dh_0, dc_0.
 // Partition p owns units p Hp ... (p + 1) Hp: their dz columns, then (after a
 // barrier: this needs every dz column) their columns of dh = dz w_h^T, from
-// wt [P, 4H, Hp] (w_h's rows of those units, transposed).
+// wt (w_h's rows of those units, transposed, in panels).
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_T,
                            ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> ps,
                            ffi::Buffer<ffi::F32> ks, ffi::Buffer<ffi::F32> fs,
@@ -385,11 +400,11 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
                            ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
                            ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out) {
   const auto yd = dys.dimensions(), wd = wt.dimensions();
-  if (yd.size() != 3 || wd.size() != 3) {
-    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], wt [P,4H,Hp]");
+  if (yd.size() != 3 || wd.size() != 4 || wd[3] != 16) {
+    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], wt [P,Hp/16,4H,16]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 4 * H;
-  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ps.element_count()) != T * B * G) {
+  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = 16 * wd[1], G = 4 * H;
+  if (wd[2] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ps.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
@@ -428,7 +443,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(),
+    matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, 16 * G, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
       const long off = r * H + p * Hp;
@@ -457,13 +472,14 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer
                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
                float* const* saves) {
   const auto xd = xs.dimensions(), wd = wx.dimensions();
-  if (xd.size() != 3 || wd.size() != 3 || wh.dimensions().size() != 3 ||
+  const auto hd = wh.dimensions();
+  if (xd.size() != 3 || wd.size() != 4 || wd[3] != 16 || hd.size() != 4 || hd[3] != 16 ||
       h0.dimensions().size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax gru_forward: expected xs [T,B,D], wx, wh [P,K,N], h0 [B,H]");
+    return ffi::Error::InvalidArgument("seqjax gru_forward: expected xs [T,B,D], wx, wh [P,N/16,K,16], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = wd[2];
+  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = 16 * wd[1];
   const long H = h0.dimensions()[1], Hp = H / P;
-  if (wd[1] != D || wh.dimensions()[1] != H || wh.dimensions()[2] != N || N != 3 * Hp ||
+  if (wd[2] != D || hd[2] != H || hd[1] != wd[1] || N != 3 * Hp ||
       Hp * P != H || Hp % 16 != 0) {
     return ffi::Error::InvalidArgument("seqjax gru_forward: packed weights do not match D, H");
   }
@@ -483,9 +499,9 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
-    matmul(B, X + t * B * D, D, wx.typed_data() + p * D * N, nullptr, 0, nullptr, N,
+    matmul(B, X + t * B * D, D, wx.typed_data() + p * D * N, nullptr, 0, nullptr, 16 * D, N,
            bx.typed_data() + p * N, zx);
-    matmul(B, hin, H, wh.typed_data() + p * H * N, nullptr, 0, nullptr, N,
+    matmul(B, hin, H, wh.typed_data() + p * H * N, nullptr, 0, nullptr, 16 * H, N,
            bh.typed_data() + p * N, zh);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
@@ -563,18 +579,18 @@ ffi::Error GruForwardSavingImpl(
 // the gate and weight gradients are built after the loop) and dh_0. Gates:
 // each partition's dh_step and its columns of g = [dh_step]*3 ph; carry
 // (every column of g needed): its columns of dh = g w_h^T + dh_step z, from
-// wt [P, 3H, Hp].
+// wt (as for the LSTM).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
                           ffi::Buffer<ffi::F32> ph, ffi::Buffer<ffi::F32> zs,
                           ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::U8> valid,
                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
                           ffi::ResultBuffer<ffi::F32> dh_out) {
   const auto yd = dys.dimensions(), wd = wt.dimensions();
-  if (yd.size() != 3 || wd.size() != 3) {
-    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], wt [P,3H,Hp]");
+  if (yd.size() != 3 || wd.size() != 4 || wd[3] != 16) {
+    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], wt [P,Hp/16,3H,16]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = wd[2], G = 3 * H;
-  if (wd[1] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ph.element_count()) != T * B * G) {
+  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = 16 * wd[1], G = 3 * H;
+  if (wd[2] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ph.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
@@ -605,7 +621,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, Hp, zeros.data(), product);
+    matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, 16 * G, Hp, zeros.data(),
+           product);
     for (long r = 0; r < B; ++r) {
       const long off = r * H + p * Hp, at = t * B * H + off;
       const bool live = fl.live(t, r), reset = fl.reset(t, r);
