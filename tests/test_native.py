@@ -130,15 +130,17 @@ def test_kernel_equals_the_xla_path(kind, b, t, d, h, masks):
 
 
 @pytest.mark.parametrize("options", [
-    {}, {"lengths": np.array([9, 4, 0, 7])}, {"reverse": True, "lengths": np.array([2, 9, 5, 9])},
-    {"mask": np.arange(36).reshape(4, 9) % 3 != 1},
-    {"resets": np.eye(4, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8, 3]), "reverse": True},
+    {}, {"lengths": np.array([18, 4, 0, 13])},
+    {"reverse": True, "lengths": np.array([2, 18, 5, 17])},
+    {"mask": np.arange(72).reshape(4, 18) % 3 != 1},
+    {"resets": np.eye(4, 18, 3, dtype=bool) | np.eye(4, 18, 11, dtype=bool),
+     "lengths": np.array([18, 7, 16, 3]), "reverse": True},
 ])
 @pytest.mark.parametrize("kind", KINDS)
 def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(kind, options):
   cell = CELLS[kind](64)
   params = cell.init(jax.random.key(0), 6, jnp.float32)
-  xs = jax.random.normal(jax.random.key(1), (4, 9, 6), jnp.float32)
+  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
   carry = jax.tree.map(lambda z: jax.random.normal(jax.random.key(2), z.shape, z.dtype),
                        cell.initial_carry((4,), jnp.float32))
   run = lambda p, x, c: seqjax.scan(cell, p, x, c, **options)
@@ -154,7 +156,7 @@ def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(kind, options
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_agree_with_the_inference_value_and_float64(kind):
-  params, *rest = _problem(8, 12, 5, 64, kind=kind)
+  params, *rest = _problem(8, 20, 5, 64, kind=kind)
   scan = _scan(kind)
   loss = lambda p, *rest: jnp.sum(scan(p, *rest, None, None, None)[-1] ** 2)
   value, grads = jax.jit(jax.value_and_grad(loss))(params, *rest)
@@ -172,12 +174,12 @@ def test_gradients_agree_with_the_inference_value_and_float64(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_other_dtypes_and_bfloat16_matmuls_keep_the_xla_path(kind):
-  params, xs, *carry = _problem(4, 3, 5, 32, kind=kind)
+  params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
   assert native.usable(params, xs, carry, None)
   assert not native.usable(params, xs, carry, jnp.bfloat16)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   assert not native.usable(as64(params), as64(xs), as64(carry), None)
-  params, xs, *carry = _problem(4, 3, 5, 20, kind=kind)  # H = 20: no whole registers
+  params, xs, *carry = _problem(4, 16, 5, 20, kind=kind)  # H = 20: no whole registers
   assert not native.usable(params, xs, carry, None)
   assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
                  for t in TARGETS)
@@ -277,8 +279,8 @@ def test_the_saving_kernel_saves_what_the_xla_forward_saves(kind, b, t, d, h, ma
 def test_training_takes_the_kernels_and_matches_the_reference(kind):
   cell = CELLS[kind](64)
   params = cell.init(jax.random.key(0), 6, jnp.float32)
-  xs = jax.random.normal(jax.random.key(1), (4, 9, 6), jnp.float32)
-  options = {"resets": np.eye(4, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8, 3])}
+  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
+  options = {"resets": np.eye(4, 18, 3, dtype=bool), "lengths": np.array([18, 7, 16, 3])}
   loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
@@ -343,10 +345,10 @@ def test_a_fresh_process_starts_its_workers_and_finishes():
 def test_second_derivatives_through_the_kernels_match_float64(kind):
   """Grad of grad in float32 where the kernels run: it differentiates the XLA
   loops (a kernel has no derivative of its own) instead of failing."""
-  params, xs, *carry = _problem(4, 7, 5, 32, kind=kind)
+  params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
   assert native.usable(params, xs, carry, None)
-  valid = np.arange(28).reshape(7, 4) % 5 != 2
-  resets = np.eye(7, 4, 1, dtype=bool)
+  valid = np.arange(64).reshape(16, 4) % 5 != 2
+  resets = np.eye(16, 4, 1, dtype=bool)
   scan = _scan(kind)
 
   def gradient_norm(p, x, *carry):
@@ -363,7 +365,7 @@ def test_second_derivatives_through_the_kernels_match_float64(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
-  params, xs, *carry = _problem(4, 6, 5, 32, kind=kind)
+  params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
   run = lambda *a: _scan(kind)(*a, None, None, None)
   with native.disabled():
     assert not native.usable(params, xs, carry, None)
@@ -373,3 +375,15 @@ def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
   assert f"seqjax_{kind}_forward" in _lowered(run, params, xs, *carry)
   for got, want in zip(xla.compile()(params, xs, *carry), jax.jit(run)(params, xs, *carry)):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_short_sequences_keep_the_xla_path(kind):
+  """A call's fixed costs (packing weights, waking threads) outweigh what a few
+  steps gain: one step at a time (a sampler's loop) stays on XLA."""
+  params, xs, *carry = _problem(4, native._MIN_STEPS - 1, 5, 32, kind=kind)
+  assert not native.usable(params, xs, carry, None)
+  assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
+                 for t in TARGETS)
+  params, xs, *carry = _problem(4, native._MIN_STEPS, 5, 32, kind=kind)
+  assert native.usable(params, xs, carry, None)
