@@ -640,33 +640,42 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   return ffi::Error::Success();
 }
 
+// The plain and the saving forward loops' shared arguments and first
+// results; the saving loops' handlers add their saves.
+auto LstmForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()  // xs
+      .Arg<ffi::Buffer<ffi::F32>>()  // w
+      .Arg<ffi::Buffer<ffi::F32>>()  // b
+      .Arg<ffi::Buffer<ffi::F32>>()  // h0
+      .Arg<ffi::Buffer<ffi::F32>>()  // c0
+      .Arg<ffi::Buffer<ffi::U8>>()   // valid
+      .Arg<ffi::Buffer<ffi::U8>>()   // resets
+      .Ret<ffi::Buffer<ffi::F32>>()  // ys
+      .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+      .Ret<ffi::Buffer<ffi::F32>>();  // c_T
+}
+
+auto GruForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()  // xs
+      .Arg<ffi::Buffer<ffi::F32>>()  // wx
+      .Arg<ffi::Buffer<ffi::F32>>()  // wh
+      .Arg<ffi::Buffer<ffi::F32>>()  // bx
+      .Arg<ffi::Buffer<ffi::F32>>()  // bh
+      .Arg<ffi::Buffer<ffi::F32>>()  // h0
+      .Arg<ffi::Buffer<ffi::U8>>()   // valid
+      .Arg<ffi::Buffer<ffi::U8>>()   // resets
+      .Ret<ffi::Buffer<ffi::F32>>()  // ys
+      .Ret<ffi::Buffer<ffi::F32>>();  // h_T
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_T
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, LstmForwardBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
+                              LstmForwardBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ps
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ks
@@ -687,31 +696,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc_0
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bx
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // h_T
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, GruForwardBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bx
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
+                              GruForwardBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // px
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ph
