@@ -204,3 +204,19 @@ def test_memory(tmp_path):
           < by["stored", longest]["xla_plan_bytes"]["temporaries"])
   assert (tmp_path / "memory.png").stat().st_size > 1000
   assert "| 256 |" in out  # the README table
+
+
+@pytest.mark.skipif(native.status() != "ready", reason="short_calls.py times the native kernels")
+def test_short_calls(tmp_path):
+  payload, out = _run("short_calls", tmp_path)
+  rows = payload["results"]
+  config = payload["config"]
+  assert {(r["cell"], r["T"]) for r in rows} == {
+      (c, t) for c in ("lstm", "gru") for t in config["steps"]}
+  for r in rows:
+    for key in ("kernel_tokens_per_s", "xla_tokens_per_s", "kernel_vs_xla"):
+      _spread(r[key])
+    assert r["weights"] == (r["D"] + r["H"]) * (4 if r["cell"] == "lstm" else 3) * r["H"]
+    # the quick sizes are small weights: the rule takes the kernel at any length
+    assert r["weights"] <= config["small_weights"] and r["rule_picks_kernel"] is True
+  assert "kernel/XLA" in out

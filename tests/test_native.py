@@ -378,12 +378,19 @@ def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_short_sequences_keep_the_xla_path(kind):
-  """A call's fixed costs (packing weights, waking threads) outweigh what a few
-  steps gain: one step at a time (a sampler's loop) stays on XLA."""
-  params, xs, *carry = _problem(4, native._MIN_STEPS - 1, 5, 32, kind=kind)
-  assert not native.usable(params, xs, carry, None)
-  assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
-                 for t in TARGETS)
-  params, xs, *carry = _problem(4, native._MIN_STEPS, 5, 32, kind=kind)
+def test_short_sequences_with_large_weights_keep_the_xla_path(kind):
+  """Packing large weights costs more than a few steps gain: one step at a time
+  (a sampler's loop) stays on XLA at D = H = 512 and takes the kernels at
+  16 steps; small weights take them from one step on."""
+  def lowers_a_kernel(params, xs, *carry):
+    text = _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
+    return any(t in text for t in TARGETS)
+
+  for t, want in ((1, False), (native._MIN_STEPS - 1, False), (native._MIN_STEPS, True)):
+    params, xs, *carry = _problem(1, t, 512, 512, kind=kind)
+    assert sum(a.size for a in params.values()) > native._SMALL_WEIGHTS
+    assert native.usable(params, xs, carry, None) == want
+    assert lowers_a_kernel(params, xs, *carry) == want
+  params, xs, *carry = _problem(4, 1, 256, 256, kind=kind)  # 2^19 floats of weights
   assert native.usable(params, xs, carry, None)
+  assert lowers_a_kernel(params, xs, *carry)

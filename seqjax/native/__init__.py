@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = Path(__file__).with_name("rnn.cc")
 _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
@@ -45,12 +46,15 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_reverse": "SeqjaxGruReverse"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
-# Sequences shorter than this take the XLA path. A kernel call has fixed costs
-# (packing the weights, waking the threads: 0.3-2 ms measured at D = H = 512)
-# that short sequences do not repay: one step at a time, as a sampler feeds
-# tokens, ran 0.1-0.8x the XLA path's speed at B = 1-64 on 2 cores; at 16
-# steps, 0.96x (B = 8) to 1.8x (B = 16, H = 128).
+# Short sequences with large weights take the XLA path. A kernel call first
+# packs the weights (each thread its partitions': ~0.4 ms for the 2M floats of
+# D = H = 512), which a few steps do not repay: at D = H = 512 one step per
+# call, as a sampler feeds tokens, ran 0.58x the XLA path's speed at B = 1
+# and 16; 16 steps, 1.09-1.21x. Up to 1M floats of weights (D = H = 256,
+# or H = 384 with D = 64) the kernels won from one step on (1.06-2.1x at
+# B = 1-64; measured on 2 cores).
 _MIN_STEPS = 16
+_SMALL_WEIGHTS = 1 << 20
 
 
 def _cpu_flags() -> set[str]:
@@ -177,7 +181,8 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
   no ``matmul_dtype``, a CPU backend, a hidden size it splits, at least
-  ``_MIN_STEPS`` (16) steps, the kernels built, and not inside :func:`disabled`.
+  ``_MIN_STEPS`` (16) steps unless the weights are small (at most
+  ``_SMALL_WEIGHTS``, 2^20 floats), the kernels built, and not inside :func:`disabled`.
   """
   if getattr(_disabled, "on", False):
     return False
@@ -187,7 +192,7 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   h0 = carry[0]
   if xs.ndim != 3 or h0.ndim != 2 or jax.default_backend() != "cpu":
     return False
-  if xs.shape[0] < _MIN_STEPS:
+  if xs.shape[0] < _MIN_STEPS and sum(a.size for a in params.values()) > _SMALL_WEIGHTS:
     return False
   return partitions(h0.shape[-1]) is not None and _load() is None
 
@@ -215,35 +220,22 @@ def disabled():
     _disabled.on = before
 
 
-def _split(a, parts: int, blocks: int):
-  """``a [..., blocks * H]`` -> ``[parts, ..., blocks * H / parts]``: each partition's
-  units of every gate block, blocks in order."""
-  *lead, width = a.shape
-  units = width // blocks // parts
-  a = a.reshape(*lead, blocks, parts, units)
-  return jnp.moveaxis(a, -2, 0).reshape(parts, *lead, blocks * units)
-
-
-def _panels(w):
-  """Each partition's ``[K, N]`` matrix in panels of 16 columns, ``[P, N / 16, K, 16]``:
-  the kernels' matmuls read a panel's rows one after another."""
-  parts, depth, width = w.shape
-  return w.reshape(parts, depth, width // _LANES, _LANES).transpose(0, 2, 1, 3)
-
-
 def _flags(valid, resets):
   """The [T, B] masks as uint8, an empty array standing for ``None``."""
   return [jnp.zeros((0,), jnp.uint8) if m is None else jnp.asarray(m).astype(jnp.uint8)
           for m in (valid, resets)]
 
 
-def _call(target, shapes, *args):
-  """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``."""
+def _call(target, shapes, hidden, *args):
+  """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``, the
+  ``hidden`` units split in :func:`partitions` (the kernels pack the weights
+  for them)."""
   why_not = _load()
   if why_not is not None:
     raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
   out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+      *args, partitions=np.int64(partitions(hidden)))
 
 
 def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
@@ -256,17 +248,16 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
   ``seqjax.fused``'s own forward saves them (zero factors on held steps).
   """
   hidden = h0.shape[-1]
-  parts = partitions(hidden)
-  w = _panels(_split(jnp.concatenate([params["w_x"], params["w_h"]], axis=0), parts, 4))
   (time, batch, _), carry = xs.shape, h0.shape
-  args = (xs, w, _split(params["b"], parts, 4), h0, c0, *_flags(valid, resets))
+  args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry, carry]
   if not save:
-    ys, h, c = _call("seqjax_lstm_forward", shapes, *args)
+    ys, h, c = _call("seqjax_lstm_forward", shapes, hidden, *args)
     return h, c, ys
   saved_widths = (hidden, 4 * hidden, hidden, hidden)
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
-                           shapes + [(time, batch, width) for width in saved_widths], *args)
+                           shapes + [(time, batch, width) for width in saved_widths], hidden,
+                           *args)
   return (h, c, ys), tuple(saved)
 
 
@@ -275,11 +266,8 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None):
   backward pass, on the kernel (``ps``, ``ks``, ``fs``: what its forward saved;
   ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from)."""
   time, batch, hidden = dys.shape
-  parts = partitions(hidden)
-  units = hidden // parts
-  wt = _panels(w_h.reshape(parts, units, 4 * hidden).transpose(0, 2, 1))  # of [P, 4H, Hp]
   dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
-                     dh_t, dc_t, dys, ps, ks, fs, wt, *_flags(valid, resets))
+                     hidden, dh_t, dc_t, dys, ps, ks, fs, w_h, *_flags(valid, resets))
   return (dh, dc), dz
 
 
@@ -291,19 +279,17 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False):
   (zero factors on held steps).
   """
   hidden = h0.shape[-1]
-  parts = partitions(hidden)
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
   (time, batch, _), carry = xs.shape, h0.shape
-  w_x, w_h = (_panels(_split(params[k], parts, 3)) for k in ("w_x", "w_h"))
-  args = (xs, w_x, w_h, *(_split(b, parts, 3) for b in (params["b"], b_h)), h0,
-          *_flags(valid, resets))
+  args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry]
   if not save:
-    ys, h = _call("seqjax_gru_forward", shapes, *args)
+    ys, h = _call("seqjax_gru_forward", shapes, hidden, *args)
     return h, ys
   saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
   ys, h, *saved = _call("seqjax_gru_forward_saving",
-                        shapes + [(time, batch, width) for width in saved_widths], *args)
+                        shapes + [(time, batch, width) for width in saved_widths], hidden,
+                        *args)
   return (h, ys), tuple(saved)
 
 
@@ -312,11 +298,8 @@ def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None):
   backward pass, on the kernel (``ph``, ``zs``: what its forward saved;
   ``dh_steps [T, B, H]``: the gradient reaching each step's output)."""
   time, batch, hidden = dys.shape
-  parts = partitions(hidden)
-  units = hidden // parts
-  wt = _panels(w_h.reshape(parts, units, 3 * hidden).transpose(0, 2, 1))  # of [P, 3H, Hp]
-  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape],
-                    dh_t, dys, ph, zs, wt, *_flags(valid, resets))
+  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape], hidden,
+                    dh_t, dys, ph, zs, w_h, *_flags(valid, resets))
   return dh, steps
 
 

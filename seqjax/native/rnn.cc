@@ -11,16 +11,19 @@
 // saving what the backward pass reads, and the backward passes' reverse
 // loops. valid and resets are [T, B] uint8, or empty when absent: a reset
 // zeroes the carry before its step; an invalid step holds the carry and emits
-// zeros. Weights arrive packed by partition (Hp = H / P units each, a
-// multiple of 16), each partition's [K, N] matrix in panels of 16 columns,
-// [N / 16, K, 16], so a matmul reads each panel's rows one after another:
-//   LSTM: w [P, 4 Hp / 16, D + H, 16] (rows of w_x, then w_h; columns i, f,
-//         g, o), b [P, 4 Hp]; carry h0, c0 [B, H].
-//   GRU (reset after): wx [P, 3 Hp / 16, D, 16], wh [P, 3 Hp / 16, H, 16]
-//         (columns r, z, n), bx [P, 3 Hp] (b), bh [P, 3 Hp] (zeros, zeros,
-//         b_hn); carry h0 [B, H].
-//   Reverse loops: wt [P, Hp / 16, G H, 16], w_h's rows of each partition's
-//         units, transposed (G = 4 for the LSTM, 3 for the GRU).
+// zeros. Weights arrive as the cells hold them, and the partition count P as
+// an attribute (Hp = H / P units each, a multiple of 16):
+//   LSTM: w_x [D, 4H], w_h [H, 4H] (columns i, f, g, o), b [4H]; carry h0,
+//         c0 [B, H].
+//   GRU (reset after): w_x [D, 3H], w_h [H, 3H] (columns r, z, n), b [3H],
+//         bh [3H] (zeros, zeros, b_hn); carry h0 [B, H].
+// Each thread first packs its partitions' weights into memory kept between
+// calls: a partition's [K, N] matrix (its units' columns of every gate block)
+// in panels of 16 columns, [N / 16, K, 16], so a matmul reads each panel's
+// rows one after another; the reverse loops pack w_h's rows of the
+// partition's units, transposed ([G H, Hp], G = 4 for the LSTM, 3 for the
+// GRU). Packing in XLA instead cost up to 2 ms a call (8 MB at D = H = 512),
+// more than 16 of those steps take.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -29,8 +32,10 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -154,6 +159,105 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;
 };
 
+// Memory kept from call to call for the packed weights: a fresh allocation
+// of megabytes is fresh pages, and faulting them in costs more than a short
+// call's steps. Each call takes a block of its own (calls may overlap); the
+// few largest blocks up to 64 MB are kept (past that, a step's work dwarfs
+// the page faults).
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(mu());
+      auto& kept = blocks();
+      auto best = kept.end();
+      for (auto it = kept.begin(); it != kept.end(); ++it) {
+        if (it->size >= n && (best == kept.end() || it->size < best->size)) best = it;
+      }
+      if (best != kept.end()) {
+        block_ = std::move(*best);
+        kept.erase(best);
+      }
+    }
+    if (!block_.memory) {
+      block_.memory.reset(new float[n + 16]);  // not zeroed: packing writes every element
+      block_.size = n;
+    }
+  }
+  ~Scratch() {
+    if (block_.size > kLargest) return;
+    std::lock_guard<std::mutex> lock(mu());
+    auto& kept = blocks();
+    kept.push_back(std::move(block_));
+    if (kept.size() > kKept) {
+      kept.erase(std::min_element(kept.begin(), kept.end(), [](const Block& a, const Block& b) {
+        return a.size < b.size;
+      }));
+    }
+  }
+  float* data() const {  // 64-byte aligned
+    const uintptr_t at = reinterpret_cast<uintptr_t>(block_.memory.get());
+    return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  static constexpr size_t kKept = 4, kLargest = size_t{16} << 20;  // floats
+  struct Block {
+    std::unique_ptr<float[]> memory;
+    size_t size = 0;
+  };
+  static std::mutex& mu() {
+    static std::mutex* m = new std::mutex();  // never destroyed, like the pool
+    return *m;
+  }
+  static std::vector<Block>& blocks() {
+    static auto* b = new std::vector<Block>();
+    return *b;
+  }
+  Block block_;
+};
+
+// Partition p's columns of w1 [K1, G H] stacked over w2 [K2, G H] (the
+// partition's Hp units of each of the G gate blocks, blocks in order), in
+// panels of 16 columns: out [G Hp / 16, K1 + K2, 16].
+void pack_columns(const float* w1, long K1, const float* w2, long K2, long G, long H, long Hp,
+                  long p, float* out) {
+  const long per_block = Hp / 16, width = G * H, K = K1 + K2;
+  for (long j = 0; j < G * per_block; ++j) {
+    const long col = j / per_block * H + p * Hp + j % per_block * 16;
+    float* to = out + j * K * 16;
+    for (long k = 0; k < K1; ++k) {
+      _mm512_storeu_ps(to + 16 * k, _mm512_loadu_ps(w1 + k * width + col));
+    }
+    to += 16 * K1;
+    for (long k = 0; k < K2; ++k) {
+      _mm512_storeu_ps(to + 16 * k, _mm512_loadu_ps(w2 + k * width + col));
+    }
+  }
+}
+
+// Partition p's columns of a bias b [G H]: out [G Hp].
+void pack_bias(const float* b, long G, long H, long Hp, long p, float* out) {
+  for (long g = 0; g < G; ++g) std::memcpy(out + g * Hp, b + g * H + p * Hp, Hp * sizeof(float));
+}
+
+// Partition p's rows of w [H, G H], transposed ([G H, Hp]), in panels of 16
+// columns: out [Hp / 16, G H, 16]. Each row of a panel gathers one column of
+// 16 consecutive rows of w.
+void pack_rows_transposed(const float* w, long G, long H, long Hp, long p, float* out) {
+  const long width = G * H;
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(width)));
+  for (long j = 0; j < Hp / 16; ++j) {
+    const float* from = w + (p * Hp + 16 * j) * width;
+    float* to = out + j * width * 16;
+    for (long k = 0; k < width; ++k) {
+      _mm512_storeu_ps(to + 16 * k, _mm512_i32gather_ps(rows, from + k, 4));
+    }
+  }
+}
+
 constexpr long kRows = 8;  // rows of a register tile
 constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 
@@ -232,15 +336,17 @@ Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, l
           resets.element_count() ? resets.typed_data() : nullptr, T, B};
 }
 
-// Runs step(t, p) for every step t and partition p, partitions shared among
-// the pool's threads, all meeting after each step. A call that finds the pool
-// busy (another recurrence running at the same time) runs alone.
-template <class Step>
-void run_steps(long T, long P, const Step& step) {
+// Runs pack(p) for every partition p, then step(t, p) for every step t and
+// partition p, partitions shared among the pool's threads (pack(p) runs on
+// the thread that steps p), all meeting after each step. A call that finds
+// the pool busy (another recurrence running at the same time) runs alone.
+template <class Pack, class Step>
+void run_steps(long T, long P, const Pack& pack, const Step& step) {
   Pool& pool = Pool::get();
   std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
   const long ranks = lock.owns_lock() ? std::min<long>(P, 1024) : 1;  // P: Python's threads()
   std::function<void(int)> job = [&](int rank) {
+    for (long p = rank; p < P; p += ranks) pack(p);
     for (long t = 0; t < T; ++t) {
       for (long p = rank; p < P; p += ranks) step(t, p);
       if (ranks > 1) pool.barrier();
@@ -256,9 +362,9 @@ void run_steps(long T, long P, const Step& step) {
 // The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
 // partition, a barrier, then carry(t, p) (which reads every partition's
 // gates), and a barrier.
-template <class Gates, class Carry>
-void run_reverse_steps(long T, long P, const Gates& gates, const Carry& carry) {
-  run_steps(2 * T, P, [&](long phase_step, long p) {
+template <class Pack, class Gates, class Carry>
+void run_reverse_steps(long T, long P, const Pack& pack, const Gates& gates, const Carry& carry) {
+  run_steps(2 * T, P, pack, [&](long phase_step, long p) {
     const long t = T - 1 - phase_step / 2;
     if (phase_step % 2 == 0) {
       gates(t, p);
@@ -281,23 +387,28 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
 // h_{t-1}; the gate factors g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c_t) o(1-o)
 // (blocks of H, in the unpartitioned column order); o(1 - tanh(c_t)^2); f.
 // Steps that hold the carry save zero factors.
-ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer<ffi::F32>& b,
-                ffi::Buffer<ffi::F32>& h0, ffi::Buffer<ffi::F32>& c0,
-                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
-                float* C, float* const* saves) {
-  const auto xd = xs.dimensions(), wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 4 || wd[3] != 16 || h0.dimensions().size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax lstm_forward: expected xs [T,B,D], w [P,N/16,K,16], h0 [B,H]");
+ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
+                ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& h0,
+                ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::U8>& valid,
+                ffi::Buffer<ffi::U8>& resets, int64_t partitions, float* Y, float* HT, float* C,
+                float* const* saves) {
+  const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
+  if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "seqjax lstm_forward: expected xs [T,B,D], w_x [D,4H], w_h [H,4H], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = 16 * wd[1], K = wd[2];
-  const long H = h0.dimensions()[1], Hp = H / P;
-  if (K != D + H || N != 4 * Hp || Hp * P != H || Hp % 16 != 0) {
-    return ffi::Error::InvalidArgument("seqjax lstm_forward: packed weights do not match D, H");
+  const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
+  const long Hp = P > 0 ? H / P : 0, N = 4 * Hp, K = D + H;
+  if (wxd[0] != D || wxd[1] != 4 * H || whd[0] != H || whd[1] != 4 * H ||
+      static_cast<long>(b.element_count()) != 4 * H || Hp * P != H || Hp % 16 != 0 || Hp == 0) {
+    return ffi::Error::InvalidArgument(
+        "seqjax lstm_forward: weights do not match D and H, or H does not split in partitions");
   }
   const Flags fl = flags(valid, resets, T, B);
   const float* X = xs.typed_data();
-  const float* W = w.typed_data();
-  const float* Bias = b.typed_data();
+  Scratch packed(P * (K * N + N));  // each partition's panels, then all the biases
+  float* W = packed.data();
+  float* Bias = W + P * K * N;
   std::vector<float> hbuf(2 * B * H), zbuf(P * B * N);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   start(fl, B, H, c0.typed_data(), C);  // the cell state lives in c_T, updated in place
@@ -311,7 +422,11 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer
     if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
   };
 
-  run_steps(T, P, [&](long t, long p) {
+  auto pack = [&](long p) {
+    pack_columns(w_x.typed_data(), D, w_h.typed_data(), H, 4, H, Hp, p, W + p * K * N);
+    pack_bias(b.typed_data(), 4, H, Hp, p, Bias + p * N);
+  };
+  run_steps(T, P, pack, [&](long t, long p) {
     const float* hin = hbuf.data() + (t & 1) * B * H;
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     const float* wp = W + p * K * N;
@@ -364,26 +479,27 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w,
-                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
-                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
-                           ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out) {
-  return Lstm(xs, w, b, h0, c0, valid, resets, ys->typed_data(), h_out->typed_data(),
-              c_out->typed_data(), nullptr);
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
+                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
+                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
+                           ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions) {
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, ys->typed_data(),
+              h_out->typed_data(), c_out->typed_data(), nullptr);
 }
 
 ffi::Error LstmForwardSavingImpl(
-    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::U8> valid,
-    ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-    ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> hs,
-    ffi::ResultBuffer<ffi::F32> ps, ffi::ResultBuffer<ffi::F32> ks,
-    ffi::ResultBuffer<ffi::F32> fs) {
+    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h,
+    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+    ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
+    ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out,
+    ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ps,
+    ffi::ResultBuffer<ffi::F32> ks, ffi::ResultBuffer<ffi::F32> fs, int64_t partitions) {
   float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
                            fs->typed_data()};
-  return Lstm(xs, w, b, h0, c0, valid, resets, ys->typed_data(), h_out->typed_data(),
-              c_out->typed_data(), saves);
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, ys->typed_data(),
+              h_out->typed_data(), c_out->typed_data(), saves);
 }
 
 // The LSTM's reverse loop: seqjax.fused._lstm_bwd's scan. From the carry
@@ -392,19 +508,22 @@ ffi::Error LstmForwardSavingImpl(
 // gradients, for the weight gradients after the loop) and dh_0, dc_0.
 // Partition p owns units p Hp ... (p + 1) Hp: their dz columns, then (after a
 // barrier: this needs every dz column) their columns of dh = dz w_h^T, from
-// wt (w_h's rows of those units, transposed, in panels).
+// w_h's rows of those units, packed transposed.
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_T,
                            ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> ps,
                            ffi::Buffer<ffi::F32> ks, ffi::Buffer<ffi::F32> fs,
-                           ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
-                           ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out) {
-  const auto yd = dys.dimensions(), wd = wt.dimensions();
-  if (yd.size() != 3 || wd.size() != 4 || wd[3] != 16) {
-    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], wt [P,Hp/16,4H,16]");
+                           ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out,
+                           int64_t partitions) {
+  const auto yd = dys.dimensions(), wd = w_h.dimensions();
+  if (yd.size() != 3 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], w_h [H,4H]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = 16 * wd[1], G = 4 * H;
-  if (wd[2] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ps.element_count()) != T * B * G) {
+  const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 4 * H;
+  const long Hp = P > 0 ? H / P : 0;
+  if (wd[0] != H || wd[1] != G || Hp * P != H || Hp % 16 != 0 || Hp == 0 ||
+      static_cast<long>(ps.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
@@ -412,7 +531,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   const float* PS = ps.typed_data();
   const float* KS = ks.typed_data();
   const float* FS = fs.typed_data();
-  const float* WT = wt.typed_data();
+  Scratch packed(P * G * Hp);
+  float* WT = packed.data();
   float* DZ = dz_out->typed_data();
   float* DH = dh_out->typed_data();  // the carry gradients live in the outputs
   float* DC = dc_out->typed_data();
@@ -458,7 +578,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
       }
     }
   };
-  run_reverse_steps(T, P, gates, carry);
+  auto pack = [&](long p) { pack_rows_transposed(w_h.typed_data(), 4, H, Hp, p, WT + p * G * Hp); };
+  run_reverse_steps(T, P, pack, gates, carry);
   return ffi::Error::Success();
 }
 
@@ -467,24 +588,30 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
 // h_{t-1}; with a = (1 - z)(1 - n^2), dr = a (h W_hn + b_hn) r (1 - r) and
 // dz = (h - n) z (1 - z): px = [dr, dz, a] and ph = [dr, dz, a r] (blocks of
 // H, unpartitioned); z. Steps that hold the carry save zero factors.
-ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer<ffi::F32>& wh,
+ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffer<ffi::F32>& w_h,
                ffi::Buffer<ffi::F32>& bx, ffi::Buffer<ffi::F32>& bh, ffi::Buffer<ffi::F32>& h0,
-               ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, float* Y, float* HT,
-               float* const* saves) {
-  const auto xd = xs.dimensions(), wd = wx.dimensions();
-  const auto hd = wh.dimensions();
-  if (xd.size() != 3 || wd.size() != 4 || wd[3] != 16 || hd.size() != 4 || hd[3] != 16 ||
-      h0.dimensions().size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax gru_forward: expected xs [T,B,D], wx, wh [P,N/16,K,16], h0 [B,H]");
+               ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, int64_t partitions,
+               float* Y, float* HT, float* const* saves) {
+  const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
+  if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "seqjax gru_forward: expected xs [T,B,D], w_x [D,3H], w_h [H,3H], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], P = wd[0], N = 16 * wd[1];
-  const long H = h0.dimensions()[1], Hp = H / P;
-  if (wd[2] != D || hd[2] != H || hd[1] != wd[1] || N != 3 * Hp ||
-      Hp * P != H || Hp % 16 != 0) {
-    return ffi::Error::InvalidArgument("seqjax gru_forward: packed weights do not match D, H");
+  const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
+  const long Hp = P > 0 ? H / P : 0, N = 3 * Hp;
+  if (wxd[0] != D || wxd[1] != 3 * H || whd[0] != H || whd[1] != 3 * H ||
+      static_cast<long>(bx.element_count()) != 3 * H ||
+      static_cast<long>(bh.element_count()) != 3 * H || Hp * P != H || Hp % 16 != 0 || Hp == 0) {
+    return ffi::Error::InvalidArgument(
+        "seqjax gru_forward: weights do not match D and H, or H does not split in partitions");
   }
   const Flags fl = flags(valid, resets, T, B);
   const float* X = xs.typed_data();
+  Scratch packed(P * (D * N + H * N + 2 * N));  // panels of w_x, of w_h, then the biases
+  float* WX = packed.data();
+  float* WH = WX + P * D * N;
+  float* BX = WH + P * H * N;
+  float* BH = BX + P * N;
   std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
@@ -494,15 +621,19 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer
     if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
   };
 
-  run_steps(T, P, [&](long t, long p) {
+  auto pack = [&](long p) {
+    pack_columns(w_x.typed_data(), D, nullptr, 0, 3, H, Hp, p, WX + p * D * N);
+    pack_columns(w_h.typed_data(), H, nullptr, 0, 3, H, Hp, p, WH + p * H * N);
+    pack_bias(bx.typed_data(), 3, H, Hp, p, BX + p * N);
+    pack_bias(bh.typed_data(), 3, H, Hp, p, BH + p * N);
+  };
+  run_steps(T, P, pack, [&](long t, long p) {
     const float* hin = hbuf.data() + (t & 1) * B * H;
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
-    matmul(B, X + t * B * D, D, wx.typed_data() + p * D * N, nullptr, 0, nullptr, 16 * D, N,
-           bx.typed_data() + p * N, zx);
-    matmul(B, hin, H, wh.typed_data() + p * H * N, nullptr, 0, nullptr, 16 * H, N,
-           bh.typed_data() + p * N, zh);
+    matmul(B, X + t * B * D, D, WX + p * D * N, nullptr, 0, nullptr, 16 * D, N, BX + p * N, zx);
+    matmul(B, hin, H, WH + p * H * N, nullptr, 0, nullptr, 16 * H, N, BH + p * N, zh);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* xr = zx + r * N;
@@ -551,26 +682,27 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& wx, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
-                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bx,
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
+                          ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> bx,
                           ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
-                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out) {
-  return Gru(xs, wx, wh, bx, bh, h0, valid, resets, ys->typed_data(), h_out->typed_data(),
-             nullptr);
+                          ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
+                          int64_t partitions) {
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, ys->typed_data(),
+             h_out->typed_data(), nullptr);
 }
 
 ffi::Error GruForwardSavingImpl(
-    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> wh,
+    ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h,
     ffi::Buffer<ffi::F32> bx, ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
     ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> hs,
     ffi::ResultBuffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> ph,
-    ffi::ResultBuffer<ffi::F32> zs) {
+    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions) {
   float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
                            zs->typed_data()};
-  return Gru(xs, wx, wh, bx, bh, h0, valid, resets, ys->typed_data(), h_out->typed_data(),
-             saves);
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, ys->typed_data(),
+             h_out->typed_data(), saves);
 }
 
 // The GRU's reverse loop: seqjax.fused._gru_bwd's scan. From dh_T, dys and
@@ -579,25 +711,28 @@ ffi::Error GruForwardSavingImpl(
 // the gate and weight gradients are built after the loop) and dh_0. Gates:
 // each partition's dh_step and its columns of g = [dh_step]*3 ph; carry
 // (every column of g needed): its columns of dh = g w_h^T + dh_step z, from
-// wt (as for the LSTM).
+// w_h packed transposed (as for the LSTM).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
                           ffi::Buffer<ffi::F32> ph, ffi::Buffer<ffi::F32> zs,
-                          ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::U8> valid,
+                          ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
-                          ffi::ResultBuffer<ffi::F32> dh_out) {
-  const auto yd = dys.dimensions(), wd = wt.dimensions();
-  if (yd.size() != 3 || wd.size() != 4 || wd[3] != 16) {
-    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], wt [P,Hp/16,3H,16]");
+                          ffi::ResultBuffer<ffi::F32> dh_out, int64_t partitions) {
+  const auto yd = dys.dimensions(), wd = w_h.dimensions();
+  if (yd.size() != 3 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], w_h [H,3H]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = wd[0], Hp = 16 * wd[1], G = 3 * H;
-  if (wd[2] != G || Hp * P != H || Hp % 16 != 0 || static_cast<long>(ph.element_count()) != T * B * G) {
+  const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 3 * H;
+  const long Hp = P > 0 ? H / P : 0;
+  if (wd[0] != H || wd[1] != G || Hp * P != H || Hp % 16 != 0 || Hp == 0 ||
+      static_cast<long>(ph.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
   }
   const Flags fl = flags(valid, resets, T, B);
   const float* DY = dys.typed_data();
   const float* PH = ph.typed_data();
   const float* ZS = zs.typed_data();
-  const float* WT = wt.typed_data();
+  Scratch packed(P * G * Hp);
+  float* WT = packed.data();
   float* STEPS = steps_out->typed_data();
   float* DH = dh_out->typed_data();  // the carry gradient lives in the output
   std::memcpy(DH, dh_T.typed_data(), B * H * sizeof(float));
@@ -636,16 +771,19 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
       }
     }
   };
-  run_reverse_steps(T, P, gates, carry);
+  auto pack = [&](long p) { pack_rows_transposed(w_h.typed_data(), 3, H, Hp, p, WT + p * G * Hp); };
+  run_reverse_steps(T, P, pack, gates, carry);
   return ffi::Error::Success();
 }
 
 // The plain and the saving forward loops' shared arguments and first
-// results; the saving loops' handlers add their saves.
+// results; the saving loops' handlers add their saves, then the attribute
+// (Partitioned()).
 auto LstmForwardBinding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()  // xs
-      .Arg<ffi::Buffer<ffi::F32>>()  // w
+      .Arg<ffi::Buffer<ffi::F32>>()  // w_x
+      .Arg<ffi::Buffer<ffi::F32>>()  // w_h
       .Arg<ffi::Buffer<ffi::F32>>()  // b
       .Arg<ffi::Buffer<ffi::F32>>()  // h0
       .Arg<ffi::Buffer<ffi::F32>>()  // c0
@@ -656,11 +794,17 @@ auto LstmForwardBinding() {
       .Ret<ffi::Buffer<ffi::F32>>();  // c_T
 }
 
+// Every handler's last: the partition count, an attribute.
+template <class Binding>
+auto Partitioned(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("partitions");
+}
+
 auto GruForwardBinding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()  // xs
-      .Arg<ffi::Buffer<ffi::F32>>()  // wx
-      .Arg<ffi::Buffer<ffi::F32>>()  // wh
+      .Arg<ffi::Buffer<ffi::F32>>()  // w_x
+      .Arg<ffi::Buffer<ffi::F32>>()  // w_h
       .Arg<ffi::Buffer<ffi::F32>>()  // bx
       .Arg<ffi::Buffer<ffi::F32>>()  // bh
       .Arg<ffi::Buffer<ffi::F32>>()  // h0
@@ -672,14 +816,14 @@ auto GruForwardBinding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, LstmForwardBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, Partitioned(LstmForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
-                              LstmForwardBinding()
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ps
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ks
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // fs
+                              Partitioned(LstmForwardBinding()
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // ps
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // ks
+                                              .Ret<ffi::Buffer<ffi::F32>>()));  // fs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                               ffi::Ffi::Bind()
@@ -689,21 +833,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ps
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ks
                                   .Arg<ffi::Buffer<ffi::F32>>()  // fs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc_0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc_0
+                                  .Attr<int64_t>("partitions"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, GruForwardBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, Partitioned(GruForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
-                              GruForwardBinding()
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // px
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ph
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // zs
+                              Partitioned(GruForwardBinding()
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // px
+                                              .Ret<ffi::Buffer<ffi::F32>>()  // ph
+                                              .Ret<ffi::Buffer<ffi::F32>>()));  // zs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                               ffi::Ffi::Bind()
@@ -711,8 +856,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ph
                                   .Arg<ffi::Buffer<ffi::F32>>()  // zs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh_0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
+                                  .Attr<int64_t>("partitions"));
