@@ -216,7 +216,8 @@ def test_short_calls(tmp_path):
   for r in rows:
     for key in ("kernel_tokens_per_s", "xla_tokens_per_s", "kernel_vs_xla"):
       _spread(r[key])
-    assert r["weights"] == (r["D"] + r["H"]) * (4 if r["cell"] == "lstm" else 3) * r["H"]
-    # the quick sizes are small weights: the rule takes the kernel at any length
-    assert r["weights"] <= config["small_weights"] and r["rule_picks_kernel"] is True
+    gates = 4 if r["cell"] == "lstm" else 3  # w_x, w_h, b (and the GRU's b_hn)
+    assert r["weights"] == (r["D"] + r["H"] + 1) * gates * r["H"] + (r["cell"] == "gru") * r["H"]
+    assert r["rule_picks_kernel"] == (r["T"] >= config["min_steps"] and r["T"] * r["B"]
+                                      * config["weights_per_row_step"] >= r["weights"])
   assert "kernel/XLA" in out

@@ -378,19 +378,22 @@ def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_short_sequences_with_large_weights_keep_the_xla_path(kind):
-  """Packing large weights costs more than a few steps gain: one step at a time
-  (a sampler's loop) stays on XLA at D = H = 512 and takes the kernels at
-  16 steps; small weights take them from one step on."""
+def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
+  """Packing the weights costs more than a short call gains: one step at a time
+  (a sampler's loop) stays on XLA, and a call needs T B >= weights / 2^15."""
   def lowers_a_kernel(params, xs, *carry):
     text = _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
     return any(t in text for t in TARGETS)
 
-  for t, want in ((1, False), (native._MIN_STEPS - 1, False), (native._MIN_STEPS, True)):
-    params, xs, *carry = _problem(1, t, 512, 512, kind=kind)
-    assert sum(a.size for a in params.values()) > native._SMALL_WEIGHTS
-    assert native.usable(params, xs, carry, None) == want
-    assert lowers_a_kernel(params, xs, *carry) == want
-  params, xs, *carry = _problem(4, 1, 256, 256, kind=kind)  # 2^19 floats of weights
-  assert native.usable(params, xs, carry, None)
-  assert lowers_a_kernel(params, xs, *carry)
+  weights = sum(a.size for a in _problem(1, 1, 512, 512, kind=kind)[0].values())
+  needed = -(-weights // native._WEIGHTS_PER_ROW_STEP)  # row-steps at D = H = 512
+  assert needed >= 48  # 2^21 floats for the LSTM, 1.5 * 2^20 for the GRU
+  for b, t, d, h, want in ((4, 3, 5, 32, False),     # small weights, 3 steps
+                           (4, 4, 5, 32, True),      # small weights, 4 steps
+                           (64, 1, 5, 32, False),    # one step, however many rows
+                           (1, needed - 1, 512, 512, False),
+                           (1, needed, 512, 512, True),
+                           (16, 5, 512, 512, True)):
+    params, xs, *carry = _problem(b, t, d, h, kind=kind)
+    assert native.usable(params, xs, carry, None) == want, (b, t, d, h)
+    assert lowers_a_kernel(params, xs, *carry) == want, (b, t, d, h)

@@ -46,15 +46,16 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_reverse": "SeqjaxGruReverse"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
-# Short sequences with large weights take the XLA path. A kernel call first
-# packs the weights (each thread its partitions': ~0.4 ms for the 2M floats of
-# D = H = 512), which a few steps do not repay: at D = H = 512 one step per
-# call, as a sampler feeds tokens, ran 0.58x the XLA path's speed at B = 1
-# and 16; 16 steps, 1.09-1.21x. Up to 1M floats of weights (D = H = 256,
-# or H = 384 with D = 64) the kernels won from one step on (1.06-2.1x at
-# B = 1-64; measured on 2 cores).
-_MIN_STEPS = 16
-_SMALL_WEIGHTS = 1 << 20
+# A kernel call first packs the weights for its threads (~0.5 ms for the 2M
+# floats of D = H = 512), which a short call does not repay. Measured with the
+# calls in a loop (benchmarks/short_calls.py, 2 cores): one step per call, as
+# a sampler feeds tokens, ran 0.18-0.77x the XLA path's speed at B = 1 for
+# every size; from 4 steps, small weights (D = H <= 256) mostly won
+# (1.15-2.3x), and the kernels paid once a call had about one row-step (a row
+# of a step: T B of them) for every 2^15 floats of weights (D = H = 512: 65
+# LSTM steps at B = 1, 5 at B = 16).
+_MIN_STEPS = 4
+_WEIGHTS_PER_ROW_STEP = 1 << 15
 
 
 def _cpu_flags() -> set[str]:
@@ -180,9 +181,9 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
-  no ``matmul_dtype``, a CPU backend, a hidden size it splits, at least
-  ``_MIN_STEPS`` (16) steps unless the weights are small (at most
-  ``_SMALL_WEIGHTS``, 2^20 floats), the kernels built, and not inside :func:`disabled`.
+  no ``matmul_dtype``, a CPU backend, a hidden size it splits, a call long
+  enough to repay packing the weights (at least ``_MIN_STEPS``, 4, steps, and
+  T B >= weights / 2^15), the kernels built, and not inside :func:`disabled`.
   """
   if getattr(_disabled, "on", False):
     return False
@@ -192,7 +193,9 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   h0 = carry[0]
   if xs.ndim != 3 or h0.ndim != 2 or jax.default_backend() != "cpu":
     return False
-  if xs.shape[0] < _MIN_STEPS and sum(a.size for a in params.values()) > _SMALL_WEIGHTS:
+  steps, rows = xs.shape[:2]
+  weights = sum(a.size for a in params.values())
+  if steps < _MIN_STEPS or steps * rows * _WEIGHTS_PER_ROW_STEP < weights:
     return False
   return partitions(h0.shape[-1]) is not None and _load() is None
 
