@@ -196,6 +196,23 @@ def test_vmap_over_weights_runs_each_member(kind):
       np.testing.assert_allclose(g[m], w, rtol=2e-5, atol=2e-6)
 
 
+def test_the_kernels_refuse_weights_and_partitions_that_do_not_fit(monkeypatch):
+  """The kernels check what they are handed: a hidden size the partition count
+  does not split into whole registers, or weights of the wrong shape, give
+  one line naming what was expected, not a crash."""
+  params, xs, h0, c0 = _problem(2, 4, 3, 64)
+  monkeypatch.setattr(native, "partitions", lambda hidden: 3)  # 64 units: not in 3
+  with pytest.raises(Exception, match="H does not split in partitions"):
+    jax.block_until_ready(native.lstm_forward(params, xs, h0, c0))
+  monkeypatch.undo()
+  bad = dict(params, w_h=params["w_h"][:, :-16])  # [H, 4H - 16]
+  with pytest.raises(Exception, match="weights do not match D and H"):
+    jax.block_until_ready(native.lstm_forward(bad, xs, h0, c0))
+  with pytest.raises(Exception, match=r"expected dys \[T,B,H\], w_h \[H,4H\]"):
+    native.lstm_reverse(params["w_h"][None], h0, c0, xs[..., :1].repeat(64, -1),
+                        *(jnp.zeros((4, 2, n), jnp.float32) for n in (256, 64, 64)))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_concurrent_calls_from_two_threads(kind):
   """A second call while the thread pool is busy runs on its own thread, unsplit."""

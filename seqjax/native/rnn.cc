@@ -374,6 +374,12 @@ void run_reverse_steps(long T, long P, const Pack& pack, const Gates& gates, con
   });
 }
 
+// Units per partition when H splits into P partitions of whole registers
+// (Python's partitions() chooses P so), else 0.
+long partition_units(long H, int64_t P) {
+  return P > 0 && H > 0 && H % P == 0 && (H / P) % 16 == 0 ? H / P : 0;
+}
+
 // The initial carry into buffer h (and c), zeroed in rows whose first step resets.
 void start(const Flags& fl, long B, long H, const float* from, float* to) {
   for (long r = 0; r < B; ++r) {
@@ -398,9 +404,9 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         "seqjax lstm_forward: expected xs [T,B,D], w_x [D,4H], w_h [H,4H], h0 [B,H]");
   }
   const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
-  const long Hp = P > 0 ? H / P : 0, N = 4 * Hp, K = D + H;
+  const long Hp = partition_units(H, P), N = 4 * Hp, K = D + H;
   if (wxd[0] != D || wxd[1] != 4 * H || whd[0] != H || whd[1] != 4 * H ||
-      static_cast<long>(b.element_count()) != 4 * H || Hp * P != H || Hp % 16 != 0 || Hp == 0) {
+      static_cast<long>(b.element_count()) != 4 * H || Hp == 0) {
     return ffi::Error::InvalidArgument(
         "seqjax lstm_forward: weights do not match D and H, or H does not split in partitions");
   }
@@ -521,8 +527,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], w_h [H,4H]");
   }
   const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 4 * H;
-  const long Hp = P > 0 ? H / P : 0;
-  if (wd[0] != H || wd[1] != G || Hp * P != H || Hp % 16 != 0 || Hp == 0 ||
+  const long Hp = partition_units(H, P);
+  if (wd[0] != H || wd[1] != G || Hp == 0 ||
       static_cast<long>(ps.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
   }
@@ -598,10 +604,10 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
         "seqjax gru_forward: expected xs [T,B,D], w_x [D,3H], w_h [H,3H], h0 [B,H]");
   }
   const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
-  const long Hp = P > 0 ? H / P : 0, N = 3 * Hp;
+  const long Hp = partition_units(H, P), N = 3 * Hp;
   if (wxd[0] != D || wxd[1] != 3 * H || whd[0] != H || whd[1] != 3 * H ||
       static_cast<long>(bx.element_count()) != 3 * H ||
-      static_cast<long>(bh.element_count()) != 3 * H || Hp * P != H || Hp % 16 != 0 || Hp == 0) {
+      static_cast<long>(bh.element_count()) != 3 * H || Hp == 0) {
     return ffi::Error::InvalidArgument(
         "seqjax gru_forward: weights do not match D and H, or H does not split in partitions");
   }
@@ -722,8 +728,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
     return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], w_h [H,3H]");
   }
   const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 3 * H;
-  const long Hp = P > 0 ? H / P : 0;
-  if (wd[0] != H || wd[1] != G || Hp * P != H || Hp % 16 != 0 || Hp == 0 ||
+  const long Hp = partition_units(H, P);
+  if (wd[0] != H || wd[1] != G || Hp == 0 ||
       static_cast<long>(ph.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
   }
