@@ -26,8 +26,9 @@ In float32 on CPU the loops run :mod:`seqjax.native`'s kernels where they are
 available, which split each step across the CPU's cores: each cell's forward
 loop (saving the same residuals as ``_forward``/``_gru_forward`` when a
 gradient is taken) and its backward pass's reverse loop
-(``_lstm_reverse``/``_gru_reverse``). The weight gradients after the loops
-and every other case (other dtypes, ``matmul_dtype``, other backends) run the
+(``_lstm_reverse``/``_gru_reverse``), also with ``matmul_dtype="bfloat16"``
+on CPUs with AVX512_BF16. The weight gradients after the loops and every
+other case (other dtypes, other ``matmul_dtype``, other backends) run the
 XLA code here.
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
@@ -162,14 +163,16 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype):
     resets: [T, B] bool or ``None``: the carry returns to zeros before the step.
     matmul_dtype: ``None``, or the dtype matmul operands are rounded to.
   """
-  return _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype), native.lstm_forward,
+  return _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype),
+                        functools.partial(native.lstm_forward, matmul_dtype=matmul_dtype),
                         lambda *args: _forward(*args, False, matmul_dtype)[0],
                         params, xs, h0, c0, valid, resets)
 
 
 def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype):
   out, saved = _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype),
-                              functools.partial(native.lstm_forward, save=True),
+                              functools.partial(native.lstm_forward, save=True,
+                                                matmul_dtype=matmul_dtype),
                               lambda *args: _forward(*args, True, matmul_dtype),
                               params, xs, h0, c0, valid, resets)
   return out, (params, xs, valid, resets, saved)
@@ -212,7 +215,8 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
   dh_t, dc_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
   (dh0, dc0), dz = _kernel_or_xla(native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype),
-                                  native.lstm_reverse,
+                                  functools.partial(native.lstm_reverse,
+                                                    matmul_dtype=matmul_dtype),
                                   lambda *args: _lstm_reverse(*args, matmul_dtype),
                                   w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
   # The weight and input gradients: one large matmul each, over every step.
@@ -281,14 +285,16 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype):
     xs, h0, valid, resets, matmul_dtype: as for :func:`lstm_scan` (``h0`` is
       the carry).
   """
-  return _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype), native.gru_forward,
+  return _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype),
+                        functools.partial(native.gru_forward, matmul_dtype=matmul_dtype),
                         lambda *args: _gru_forward(*args, False, matmul_dtype)[0],
                         params, xs, h0, valid, resets)
 
 
 def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype):
   out, saved = _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype),
-                              functools.partial(native.gru_forward, save=True),
+                              functools.partial(native.gru_forward, save=True,
+                                                matmul_dtype=matmul_dtype),
                               lambda *args: _gru_forward(*args, True, matmul_dtype),
                               params, xs, h0, valid, resets)
   return out, (params, xs, valid, resets, saved)
@@ -319,7 +325,8 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
   dh_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
   dh0, dh_steps = _kernel_or_xla(native.usable(params, xs, (dh_t, dys), matmul_dtype),
-                                 native.gru_reverse,
+                                 functools.partial(native.gru_reverse,
+                                                   matmul_dtype=matmul_dtype),
                                  lambda *args: _gru_reverse(*args, matmul_dtype),
                                  w_h, dh_t, dys, ph, zs, valid, resets)
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]

@@ -93,11 +93,14 @@ def test_threads_follow_the_setting_and_a_container_quota(monkeypatch):
   assert 1 <= native.threads() <= len(os.sched_getaffinity(0))
 
 
-def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch):
-  args = _problem(8, 20, 4, 64)
-  want = jax.jit(native.lstm_forward)(*args)
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=pytest.mark.skipif(
+    "avx512_bf16" not in CPU_FLAGS, reason="bfloat16 kernels need a CPU with AVX512_BF16"))])
+def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch, matmul_dtype):
+  args = _problem(8, 20, 5, 64)
+  run = functools.partial(native.lstm_forward, matmul_dtype=matmul_dtype)
+  want = jax.jit(run)(*args)
   monkeypatch.setattr(native, "threads", lambda: 1)
-  got = jax.jit(lambda *a: native.lstm_forward(*a))(*args)  # traced anew: one partition
+  got = jax.jit(lambda *a: run(*a))(*args)  # traced anew: one partition
   for g, w in zip(got, want):  # each output is summed in the same order either way
     np.testing.assert_array_equal(g, w)
 
@@ -173,16 +176,108 @@ def test_gradients_agree_with_the_inference_value_and_float64(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_other_dtypes_and_bfloat16_matmuls_keep_the_xla_path(kind):
+def test_other_dtypes_keep_the_xla_path(kind, monkeypatch):
   params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
   assert native.usable(params, xs, carry, None)
-  assert not native.usable(params, xs, carry, jnp.bfloat16)
+  assert native.usable(params, xs, carry, "float32")
+  assert native.usable(params, xs, carry, jnp.bfloat16) == ("avx512_bf16" in CPU_FLAGS)
+  assert not native.usable(params, xs, carry, "float16")
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   assert not native.usable(as64(params), as64(xs), as64(carry), None)
   params, xs, *carry = _problem(4, 16, 5, 20, kind=kind)  # H = 20: no whole registers
   assert not native.usable(params, xs, carry, None)
   assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
                  for t in TARGETS)
+  # Without AVX512_BF16, bfloat16 matmuls take the XLA path; asked of the
+  # kernels directly, they say so.
+  params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
+  monkeypatch.setattr(native, "_cpu_flags", lambda: CPU_FLAGS - {"avx512_bf16"})
+  assert not native.usable(params, xs, carry, "bfloat16")
+  with pytest.raises(ValueError, match="matmul_dtype must be None, float32, or bfloat16 on a CPU "
+                                       "with AVX512_BF16; got 'bfloat16'"):
+    KERNELS[kind](params, xs, *carry, matmul_dtype="bfloat16")
+
+
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in CPU_FLAGS,
+                                reason="bfloat16 kernels need a CPU with AVX512_BF16")
+
+
+def _close_to_xla_bf16(got, want, f32, name):
+  """The bfloat16 kernels round the same operands as the XLA path and sum in
+  float32 in another order, so a value rounds to the other bfloat16 neighbour
+  now and then: far closer to the XLA bfloat16 values than either is to float32."""
+  got, want, f32 = (np.asarray(a, np.float64) for a in (got, want, f32))
+  assert got.shape == want.shape, name
+  np.testing.assert_allclose(got, want, atol=3e-3, err_msg=name)
+  if want.size and np.abs(want - f32).max() > 1e-5:
+    assert np.abs(got - want).mean() < 0.1 * np.abs(want - f32).mean(), name
+
+
+@needs_bf16
+@pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (1, 7, 1, 32),
+                                     (1, 4, 5, 80), (3, 5, 7, 48), (4, 0, 3, 32)])
+@pytest.mark.parametrize("masks", ["none", "both"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_kernels_match_the_xla_bfloat16_loops(kind, b, t, d, h, masks):
+  """Forward (plain and saving) and reverse loops, odd D included (a zero pads its last pair)."""
+  args = _problem(b, t, d, h, kind=kind)
+  rng = np.random.default_rng(b + t + h)
+  valid = rng.random((t, b)) < 0.7 if masks == "both" else None
+  resets = rng.random((t, b)) < 0.2 if masks == "both" else None
+  forward = fused._forward if kind == "lstm" else fused._gru_forward
+  xla = {dtype: jax.jit(lambda *a, dtype=dtype: forward(*a, True, dtype))(*args, valid, resets)
+         for dtype in ("bfloat16", None)}
+  plain = jax.jit(functools.partial(KERNELS[kind], matmul_dtype="bfloat16"))(*args, valid, resets)
+  got, got_saved = jax.jit(functools.partial(KERNELS[kind], save=True, matmul_dtype="bfloat16"))(
+      *args, valid, resets)
+  (want, want_saved), (f32, f32_saved) = xla["bfloat16"], xla[None]
+  live = np.ones((t, b), bool) if valid is None else valid
+  for i, (g, p, w, f) in enumerate(zip(got, plain, want, f32)):
+    np.testing.assert_array_equal(g, p)  # saving changes nothing else
+    _close_to_xla_bf16(g, w, f, f"output {i}")
+  for i, (g, w, f) in enumerate(zip(got_saved, want_saved, f32_saved)):
+    hold = lambda a: np.where(live[..., None] | (i == 0), a, 0)  # held steps save zeros
+    _close_to_xla_bf16(g, hold(w), hold(f), f"saved {i}")
+
+  # The reverse loop, from the XLA forward's saves (both get the same inputs).
+  k = jax.random.split(jax.random.key(7), 3)
+  d_carry = [jax.random.normal(kk, (b, h), jnp.float32) for kk in k[:len(args) - 2]]
+  dys = jax.random.normal(k[2], (t, b, h), jnp.float32)
+  if kind == "lstm":
+    rev_args = (args[0]["w_h"], *d_carry, dys, *want_saved[1:], valid, resets)
+    kernel, reverse = native.lstm_reverse, fused._lstm_reverse
+  else:
+    rev_args = (args[0]["w_h"], *d_carry, dys, *want_saved[2:], valid, resets)
+    kernel, reverse = native.gru_reverse, fused._gru_reverse
+  got = jax.tree.leaves(jax.jit(functools.partial(kernel, matmul_dtype="bfloat16"))(*rev_args))
+  want = jax.tree.leaves(jax.jit(lambda *a: reverse(*a, "bfloat16"))(*rev_args))
+  f32 = jax.tree.leaves(jax.jit(lambda *a: reverse(*a, None))(*rev_args))
+  for i, (g, w, f) in enumerate(zip(got, want, f32)):
+    _close_to_xla_bf16(g, w, f, f"reverse {i}")
+
+
+@needs_bf16
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
+  cell = CELLS[kind](64, matmul_dtype="bfloat16")
+  params = cell.init(jax.random.key(0), 6, jnp.float32)
+  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
+  options = {"resets": np.eye(4, 18, 3, dtype=bool), "lengths": np.array([18, 7, 16, 3])}
+  loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
+  lowered = _lowered(jax.grad(loss), params, xs)
+  assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
+  assert "bf16 = true" in lowered
+  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
+  got = jax.jit(value_and_grads)(params, xs)
+  with native.disabled():
+    want = jax.jit(value_and_grads)(params, xs)
+  f32_cell = CELLS[kind](64)
+  f32 = jax.value_and_grad(lambda p, x: jnp.sum(seqjax.scan(f32_cell, p, x, **options)[1] ** 2),
+                           argnums=(0, 1))(params, xs)
+  for g, w, f in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(f32)):
+    scale = np.abs(np.asarray(f)).max()
+    _close_to_xla_bf16(np.asarray(g) / scale, np.asarray(w) / scale, np.asarray(f) / scale,
+                       "value and gradients")
 
 
 @pytest.mark.parametrize("kind", KINDS)

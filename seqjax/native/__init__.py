@@ -6,7 +6,10 @@ splits the hidden units across the cores, each thread owning the gate columns
 of its units, and the threads meet once a step to exchange h
 (benchmarks/README.md has the measurements). :mod:`seqjax.fused` calls them
 in float32 on CPU: each cell's forward loop, saving what its backward pass
-reads when a gradient is taken, and its backward pass's reverse loop.
+reads when a gradient is taken, and its backward pass's reverse loop. A cell
+with ``matmul_dtype="bfloat16"`` runs them too where the CPU has AVX512_BF16:
+the matmul operands rounded to bfloat16 as the XLA path rounds them, the
+products summed in float32.
 
 The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time they are needed, and cached
@@ -177,18 +180,29 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
   return 1
 
 
+def _bf16(matmul_dtype) -> bool | None:
+  """Whether the kernels' matmuls round to bfloat16 for this ``matmul_dtype``
+  (``None`` or float32: no; bfloat16: yes), or ``None`` if they cannot run it."""
+  name = None if matmul_dtype is None else jnp.dtype(matmul_dtype).name
+  if name in (None, "float32"):
+    return False
+  if name == "bfloat16" and "avx512_bf16" in _cpu_flags():
+    return True
+  return None
+
+
 def usable(params, xs, carry, matmul_dtype) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
-  no ``matmul_dtype``, a CPU backend, a hidden size it splits, a call long
+  ``matmul_dtype`` ``None``, float32, or bfloat16 on a CPU with AVX512_BF16, a CPU backend, a hidden size it splits, a call long
   enough to repay packing the weights (at least ``_MIN_STEPS``, 4, steps, and
   T B >= weights / 2^15), the kernels built, and not inside :func:`disabled`.
   """
   if getattr(_disabled, "on", False):
     return False
   arrays = (*params.values(), xs, *carry)
-  if matmul_dtype is not None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
+  if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
     return False
   h0 = carry[0]
   if xs.ndim != 3 or h0.ndim != 2 or jax.default_backend() != "cpu":
@@ -229,23 +243,28 @@ def _flags(valid, resets):
           for m in (valid, resets)]
 
 
-def _call(target, shapes, hidden, *args):
+def _call(target, shapes, hidden, matmul_dtype, *args):
   """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``, the
   ``hidden`` units split in :func:`partitions` (the kernels pack the weights
-  for them)."""
+  for them), the matmuls' operands rounded to ``matmul_dtype``."""
   why_not = _load()
   if why_not is not None:
     raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
+  bf16 = _bf16(matmul_dtype)
+  if bf16 is None:
+    raise ValueError(f"seqjax.native: matmul_dtype must be None, float32, or bfloat16 on a CPU "
+                     f"with AVX512_BF16; got {matmul_dtype!r}")
   out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      *args, partitions=np.int64(partitions(hidden)))
+      *args, partitions=np.int64(partitions(hidden)), bf16=bf16)
 
 
-def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
+def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None):
   """``(h_T, c_T, ys)``: :func:`seqjax.fused.lstm_scan` without gradients, on the kernel.
 
   Same arguments and semantics (time-major ``xs [T, B, D]``, ``h0, c0 [B, H]``,
-  ``valid``/``resets`` ``[T, B]`` bool or ``None``). CPU only; check
+  ``valid``/``resets`` ``[T, B]`` bool or ``None``, ``matmul_dtype`` ``None`` or
+  ``"bfloat16"``). CPU only; check
   :func:`usable` first. With ``save``, returns ``((h_T, c_T, ys), saved)``:
   ``saved`` is what the backward pass reads, ``(hs, ps, ks, fs)`` as
   ``seqjax.fused``'s own forward saves them (zero factors on held steps).
@@ -255,26 +274,27 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False):
   args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry, carry]
   if not save:
-    ys, h, c = _call("seqjax_lstm_forward", shapes, hidden, *args)
+    ys, h, c = _call("seqjax_lstm_forward", shapes, hidden, matmul_dtype, *args)
     return h, c, ys
   saved_widths = (hidden, 4 * hidden, hidden, hidden)
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
                            shapes + [(time, batch, width) for width in saved_widths], hidden,
-                           *args)
+                           matmul_dtype, *args)
   return (h, c, ys), tuple(saved)
 
 
-def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None):
+def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matmul_dtype=None):
   """``((dh_0, dc_0), dz)``: the reverse loop of :func:`seqjax.fused.lstm_scan`'s
   backward pass, on the kernel (``ps``, ``ks``, ``fs``: what its forward saved;
   ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from)."""
   time, batch, hidden = dys.shape
   dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
-                     hidden, dh_t, dc_t, dys, ps, ks, fs, w_h, *_flags(valid, resets))
+                     hidden, matmul_dtype, dh_t, dc_t, dys, ps, ks, fs, w_h,
+                     *_flags(valid, resets))
   return (dh, dc), dz
 
 
-def gru_forward(params, xs, h0, valid=None, resets=None, save=False):
+def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtype=None):
   """``(h_T, ys)``: :func:`seqjax.fused.gru_scan` without gradients, on the kernel.
 
   With ``save``, returns ``((h_T, ys), saved)``: ``saved`` is what the backward
@@ -287,22 +307,22 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False):
   args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry]
   if not save:
-    ys, h = _call("seqjax_gru_forward", shapes, hidden, *args)
+    ys, h = _call("seqjax_gru_forward", shapes, hidden, matmul_dtype, *args)
     return h, ys
   saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
   ys, h, *saved = _call("seqjax_gru_forward_saving",
                         shapes + [(time, batch, width) for width in saved_widths], hidden,
-                        *args)
+                        matmul_dtype, *args)
   return (h, ys), tuple(saved)
 
 
-def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None):
+def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=None):
   """``(dh_0, dh_steps)``: the reverse loop of :func:`seqjax.fused.gru_scan`'s
   backward pass, on the kernel (``ph``, ``zs``: what its forward saved;
   ``dh_steps [T, B, H]``: the gradient reaching each step's output)."""
   time, batch, hidden = dys.shape
   steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape], hidden,
-                    dh_t, dys, ph, zs, w_h, *_flags(valid, resets))
+                    matmul_dtype, dh_t, dys, ph, zs, w_h, *_flags(valid, resets))
   return dh, steps
 
 

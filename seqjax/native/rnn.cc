@@ -12,7 +12,9 @@
 // loops. valid and resets are [T, B] uint8, or empty when absent: a reset
 // zeroes the carry before its step; an invalid step holds the carry and emits
 // zeros. Weights arrive as the cells hold them, and the partition count P as
-// an attribute (Hp = H / P units each, a multiple of 16):
+// an attribute (Hp = H / P units each, a multiple of 16), and with it `bf16`:
+// the matmuls round their operands to bfloat16 and sum in float32 (a cell's
+// matmul_dtype="bfloat16"; the gate math stays float32):
 //   LSTM: w_x [D, 4H], w_h [H, 4H] (columns i, f, g, o), b [4H]; carry h0,
 //         c0 [B, H].
 //   GRU (reset after): w_x [D, 3H], w_h [H, 3H] (columns r, z, n), b [3H],
@@ -34,6 +36,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -217,22 +220,76 @@ class Scratch {
   Block block_;
 };
 
+// bfloat16 matmuls (the cells' matmul_dtype="bfloat16"): operands rounded to
+// bfloat16 (round to nearest even, as XLA's convert), products summed in
+// float32 by vdpbf16ps (AVX512_BF16). A packed row is 16 units of 32 bits:
+// 16 floats, or 16 pairs of bfloat16 taken from two consecutive rows k and
+// k + 1 of a [K, 16] block (k even; a zero row pads an odd K), the pair's
+// first in the low half. A [K, 16] block packs into units(K) rows, and the
+// tiles walk either layout alike.
+inline long units(long K, bool bf16) { return bf16 ? (K + 1) / 2 : K; }
+
+#ifdef __AVX512BF16__
+constexpr bool kHaveBf16 = true;
+// Two rows of 16 floats as 16 bfloat16 pairs.
+inline __m512i bf16_pairs(__m512 first, __m512 second) {
+  const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(first)));
+  const __m512i hi = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(second)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+// acc + the pairwise products of a and w, summed in float32.
+inline __m512 dot_pairs(__m512 acc, __m512 a, __m512 w) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(w));
+}
+// Rows of a [B, K] (K apart) rounded to bfloat16, as pairs: rows units(K)
+// units apart, in out. Returns out, as the matmul's operand.
+const float* as_pairs(long B, const float* a, long K, float* out) {
+  const long U = units(K, true);
+  for (long r = 0; r < B; ++r) {
+    const float* from = a + r * K;
+    uint16_t* to = reinterpret_cast<uint16_t*>(out + r * U);
+    for (long k = 0; k < K; k += 16) {
+      const __mmask16 live = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, from + k));
+      _mm256_mask_storeu_epi16(to + k, live, reinterpret_cast<__m256i>(v));
+    }
+    if (K % 2) to[K] = 0;
+  }
+  return out;
+}
+#else  // built for a CPU without AVX512_BF16: the handlers refuse bf16 calls
+constexpr bool kHaveBf16 = false;
+inline __m512i bf16_pairs(__m512, __m512) { return _mm512_setzero_si512(); }
+inline __m512 dot_pairs(__m512 acc, __m512, __m512) { return acc; }
+const float* as_pairs(long, const float* a, long, float*) { return a; }
+#endif
+
+// Rows row(0) ... row(K - 1) (16 floats each) into a panel at `to`, as
+// floats or bfloat16 pairs; returns the panel's end.
+template <class Row>
+float* panel(long K, bool bf16, const Row& row, float* to) {
+  if (!bf16) {
+    for (long k = 0; k < K; ++k) _mm512_storeu_ps(to + 16 * k, row(k));
+    return to + 16 * K;
+  }
+  for (long k = 0; k < K; k += 2) {
+    const __m512 second = k + 1 < K ? row(k + 1) : _mm512_setzero_ps();
+    _mm512_storeu_si512(to + 8 * k, bf16_pairs(row(k), second));
+  }
+  return to + 16 * units(K, true);
+}
+
 // Partition p's columns of w1 [K1, G H] stacked over w2 [K2, G H] (the
 // partition's Hp units of each of the G gate blocks, blocks in order), in
-// panels of 16 columns: out [G Hp / 16, K1 + K2, 16].
+// panels of 16 columns: out [G Hp / 16, units(K1) + units(K2), 16].
 void pack_columns(const float* w1, long K1, const float* w2, long K2, long G, long H, long Hp,
-                  long p, float* out) {
-  const long per_block = Hp / 16, width = G * H, K = K1 + K2;
+                  long p, bool bf16, float* out) {
+  const long per_block = Hp / 16, width = G * H, K = units(K1, bf16) + units(K2, bf16);
   for (long j = 0; j < G * per_block; ++j) {
     const long col = j / per_block * H + p * Hp + j % per_block * 16;
     float* to = out + j * K * 16;
-    for (long k = 0; k < K1; ++k) {
-      _mm512_storeu_ps(to + 16 * k, _mm512_loadu_ps(w1 + k * width + col));
-    }
-    to += 16 * K1;
-    for (long k = 0; k < K2; ++k) {
-      _mm512_storeu_ps(to + 16 * k, _mm512_loadu_ps(w2 + k * width + col));
-    }
+    to = panel(K1, bf16, [&](long k) { return _mm512_loadu_ps(w1 + k * width + col); }, to);
+    panel(K2, bf16, [&](long k) { return _mm512_loadu_ps(w2 + k * width + col); }, to);
   }
 }
 
@@ -242,30 +299,30 @@ void pack_bias(const float* b, long G, long H, long Hp, long p, float* out) {
 }
 
 // Partition p's rows of w [H, G H], transposed ([G H, Hp]), in panels of 16
-// columns: out [Hp / 16, G H, 16]. Each row of a panel gathers one column of
-// 16 consecutive rows of w.
-void pack_rows_transposed(const float* w, long G, long H, long Hp, long p, float* out) {
+// columns: out [Hp / 16, units(G H), 16]. Each row of a panel gathers one
+// column of 16 consecutive rows of w.
+void pack_rows_transposed(const float* w, long G, long H, long Hp, long p, bool bf16,
+                          float* out) {
   const long width = G * H;
   const __m512i rows = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int>(width)));
   for (long j = 0; j < Hp / 16; ++j) {
     const float* from = w + (p * Hp + 16 * j) * width;
-    float* to = out + j * width * 16;
-    for (long k = 0; k < width; ++k) {
-      _mm512_storeu_ps(to + 16 * k, _mm512_i32gather_ps(rows, from + k, 4));
-    }
+    panel(width, bf16, [&](long k) { return _mm512_i32gather_ps(rows, from + k, 4); },
+          out + j * units(width, bf16) * 16);
   }
 }
 
 constexpr long kRows = 8;  // rows of a register tile
 constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 
-// z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 deep; K2 may be 0) for M rows
-// (<= kRows) and V panels of 16 columns (panel v of w at w + v S, row k at
-// + 16 k); rows of a and z are K and N apart. M and V are template arguments
-// so the accumulators stay in registers.
-template <int M, int V>
+// z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 units deep; K2 may be 0)
+// for M rows (<= kRows) and V panels of 16 columns (panel v of w at w + v S,
+// row k at + 16 k); rows of a and z are K and N apart. BF: the units are
+// bfloat16 pairs. M and V are template arguments so the accumulators stay in
+// registers.
+template <bool BF, int M, int V>
 void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
           long S, long N, const float* b, float* z) {
   __m512 acc[M][V];
@@ -281,8 +338,10 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
       }
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
-        const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
-        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+        const __m512 ai = _mm512_set1_ps(a[i * lda + k]);  // bit for bit: a pair, for BF
+        for (int v = 0; v < V; ++v) {
+          acc[i][v] = BF ? dot_pairs(acc[i][v], ai, wk[v]) : _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+        }
       }
     }
   };
@@ -295,16 +354,19 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
 
 using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
                       long, const float*, float*);
-template <int V>
-constexpr Tile kTiles[kRows + 1] = {nullptr,     tile<1, V>, tile<2, V>, tile<3, V>, tile<4, V>,
-                                    tile<5, V>,  tile<6, V>, tile<7, V>, tile<8, V>};
+template <bool BF, int V>
+constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2, V>,
+                                    tile<BF, 3, V>,   tile<BF, 4, V>, tile<BF, 5, V>,
+                                    tile<BF, 6, V>,   tile<BF, 7, V>, tile<BF, 8, V>};
 
-// z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N], w1 and w2 in
-// panels of 16 columns S apart (a panel's rows 16 apart); N a multiple of 16.
-// Column blocks outside, so each block of w stays in cache across the row
-// tiles. A tile sums k in order whatever its shape, so the shapes are free:
-// with few rows, more panels at a time keep 8 or more accumulators in flight
-// (the FMA latency), and one row (a matrix-vector product) reads 8 panels.
+// z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
+// units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
+// apart); N a multiple of 16. Column blocks outside, so each block of w stays
+// in cache across the row tiles. A tile sums k in order whatever its shape,
+// so the shapes are free: with few rows, more panels at a time keep 8 or more
+// accumulators in flight (the FMA latency), and one row (a matrix-vector
+// product) reads 8 panels.
+template <bool BF>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
             const float* w2, long S, long N, const float* b, float* z) {
   const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
@@ -314,12 +376,20 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
     const long panel = n0 / 16 * S;
     for (long r0 = 0; r0 < B; r0 += kRows) {
       const long m = std::min(kRows, B - r0);
-      const Tile tile = (v == 8 ? kTiles<8> : v == 4 ? kTiles<4> : v == 2 ? kTiles<2> : kTiles<1>)[m];
+      const Tile tile = (v == 8   ? kTiles<BF, 8>
+                         : v == 4 ? kTiles<BF, 4>
+                         : v == 2 ? kTiles<BF, 2>
+                                  : kTiles<BF, 1>)[m];
       tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, N, b + n0,
            z + r0 * N + n0);
     }
     n0 += 16 * v;
   }
+}
+
+void matmul(bool bf16, long B, const float* a1, long K1, const float* w1, const float* a2,
+            long K2, const float* w2, long S, long N, const float* b, float* z) {
+  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, z);
 }
 
 // valid / resets flags, either of which may be absent.
@@ -380,6 +450,12 @@ long partition_units(long H, int64_t P) {
   return P > 0 && H > 0 && H % P == 0 && (H / P) % 16 == 0 ? H / P : 0;
 }
 
+ffi::Error NoBf16(const char* kernel) {
+  return ffi::Error::InvalidArgument(std::string("seqjax ") + kernel +
+                                     ": bfloat16 matmuls need AVX512_BF16, and this build has "
+                                     "none (the CPU it was built for lacks it)");
+}
+
 // The initial carry into buffer h (and c), zeroed in rows whose first step resets.
 void start(const Flags& fl, long B, long H, const float* from, float* to) {
   for (long r = 0; r < B; ++r) {
@@ -396,26 +472,28 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
 ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
                 ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& h0,
                 ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::U8>& valid,
-                ffi::Buffer<ffi::U8>& resets, int64_t partitions, float* Y, float* HT, float* C,
-                float* const* saves) {
+                ffi::Buffer<ffi::U8>& resets, int64_t partitions, bool bf16, float* Y, float* HT,
+                float* C, float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
         "seqjax lstm_forward: expected xs [T,B,D], w_x [D,4H], w_h [H,4H], h0 [B,H]");
   }
   const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
-  const long Hp = partition_units(H, P), N = 4 * Hp, K = D + H;
+  const long Hp = partition_units(H, P), N = 4 * Hp;
+  const long Du = units(D, bf16), Hu = units(H, bf16), K = Du + Hu;  // packed rows
   if (wxd[0] != D || wxd[1] != 4 * H || whd[0] != H || whd[1] != 4 * H ||
       static_cast<long>(b.element_count()) != 4 * H || Hp == 0) {
     return ffi::Error::InvalidArgument(
         "seqjax lstm_forward: weights do not match D and H, or H does not split in partitions");
   }
+  if (bf16 && !kHaveBf16) return NoBf16("lstm_forward");
   const Flags fl = flags(valid, resets, T, B);
   const float* X = xs.typed_data();
   Scratch packed(P * (K * N + N));  // each partition's panels, then all the biases
   float* W = packed.data();
   float* Bias = W + P * K * N;
-  std::vector<float> hbuf(2 * B * H), zbuf(P * B * N);
+  std::vector<float> hbuf(2 * B * H), zbuf(P * B * N), pairs(bf16 ? P * B * K : 0);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   start(fl, B, H, c0.typed_data(), C);  // the cell state lives in c_T, updated in place
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
@@ -429,7 +507,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
   };
 
   auto pack = [&](long p) {
-    pack_columns(w_x.typed_data(), D, w_h.typed_data(), H, 4, H, Hp, p, W + p * K * N);
+    pack_columns(w_x.typed_data(), D, w_h.typed_data(), H, 4, H, Hp, p, bf16, W + p * K * N);
     pack_bias(b.typed_data(), 4, H, Hp, p, Bias + p * N);
   };
   run_steps(T, P, pack, [&](long t, long p) {
@@ -437,7 +515,13 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
-    matmul(B, X + t * B * D, D, wp, hin, H, wp + 16 * D, 16 * K, N, Bias + p * N, z);
+    const float* x = X + t * B * D;
+    const float* h_in = hin;
+    if (bf16) {  // this partition's own copy of the step's operands, rounded
+      x = as_pairs(B, x, D, pairs.data() + p * B * K);
+      h_in = as_pairs(B, hin, H, pairs.data() + p * B * K + B * Du);
+    }
+    matmul(bf16, B, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
@@ -490,8 +574,8 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                            ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-                           ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions) {
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, ys->typed_data(),
+                           ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions, bool bf16) {
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, ys->typed_data(),
               h_out->typed_data(), c_out->typed_data(), nullptr);
 }
 
@@ -501,10 +585,11 @@ ffi::Error LstmForwardSavingImpl(
     ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out,
     ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ps,
-    ffi::ResultBuffer<ffi::F32> ks, ffi::ResultBuffer<ffi::F32> fs, int64_t partitions) {
+    ffi::ResultBuffer<ffi::F32> ks, ffi::ResultBuffer<ffi::F32> fs, int64_t partitions,
+    bool bf16) {
   float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
                            fs->typed_data()};
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, ys->typed_data(),
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, ys->typed_data(),
               h_out->typed_data(), c_out->typed_data(), saves);
 }
 
@@ -521,7 +606,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
                            ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out,
-                           int64_t partitions) {
+                           int64_t partitions, bool bf16) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], w_h [H,4H]");
@@ -532,12 +617,14 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
       static_cast<long>(ps.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax lstm_reverse: shapes do not match");
   }
+  if (bf16 && !kHaveBf16) return NoBf16("lstm_reverse");
+  const long Gu = units(G, bf16);  // packed rows of w_h^T
   const Flags fl = flags(valid, resets, T, B);
   const float* DY = dys.typed_data();
   const float* PS = ps.typed_data();
   const float* KS = ks.typed_data();
   const float* FS = fs.typed_data();
-  Scratch packed(P * G * Hp);
+  Scratch packed(P * Gu * Hp);
   float* WT = packed.data();
   float* DZ = dz_out->typed_data();
   float* DH = dh_out->typed_data();  // the carry gradients live in the outputs
@@ -545,6 +632,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   std::memcpy(DH, dh_T.typed_data(), B * H * sizeof(float));
   std::memcpy(DC, dc_T.typed_data(), B * H * sizeof(float));
   std::vector<float> products(P * B * Hp);  // each partition's [B, Hp] of dz w_h^T
+  std::vector<float> pairs(bf16 ? P * B * Gu : 0);
   const std::vector<float> zeros(Hp, 0.f);
 
   // Gates: each partition's dz columns and dc. Carry: its columns of dh.
@@ -569,7 +657,9 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    matmul(B, DZ + t * B * G, G, WT + p * G * Hp, nullptr, 0, nullptr, 16 * G, Hp, zeros.data(),
+    const float* dz = DZ + t * B * G;
+    if (bf16) dz = as_pairs(B, dz, G, pairs.data() + p * B * Gu);
+    matmul(bf16, B, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
       const long off = r * H + p * Hp;
@@ -584,7 +674,9 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
       }
     }
   };
-  auto pack = [&](long p) { pack_rows_transposed(w_h.typed_data(), 4, H, Hp, p, WT + p * G * Hp); };
+  auto pack = [&](long p) {
+    pack_rows_transposed(w_h.typed_data(), 4, H, Hp, p, bf16, WT + p * Gu * Hp);
+  };
   run_reverse_steps(T, P, pack, gates, carry);
   return ffi::Error::Success();
 }
@@ -597,7 +689,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
 ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffer<ffi::F32>& w_h,
                ffi::Buffer<ffi::F32>& bx, ffi::Buffer<ffi::F32>& bh, ffi::Buffer<ffi::F32>& h0,
                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, int64_t partitions,
-               float* Y, float* HT, float* const* saves) {
+               bool bf16, float* Y, float* HT, float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
@@ -611,14 +703,16 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     return ffi::Error::InvalidArgument(
         "seqjax gru_forward: weights do not match D and H, or H does not split in partitions");
   }
+  if (bf16 && !kHaveBf16) return NoBf16("gru_forward");
+  const long Du = units(D, bf16), Hu = units(H, bf16);  // packed rows
   const Flags fl = flags(valid, resets, T, B);
   const float* X = xs.typed_data();
-  Scratch packed(P * (D * N + H * N + 2 * N));  // panels of w_x, of w_h, then the biases
+  Scratch packed(P * (Du * N + Hu * N + 2 * N));  // panels of w_x, of w_h, then the biases
   float* WX = packed.data();
-  float* WH = WX + P * D * N;
-  float* BX = WH + P * H * N;
+  float* WH = WX + P * Du * N;
+  float* BX = WH + P * Hu * N;
   float* BH = BX + P * N;
-  std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N);
+  std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N), pairs(bf16 ? P * B * (Du + Hu) : 0);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
   bool aligned = true;  // non-temporal stores for the saves, as in Lstm
@@ -628,8 +722,8 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
   };
 
   auto pack = [&](long p) {
-    pack_columns(w_x.typed_data(), D, nullptr, 0, 3, H, Hp, p, WX + p * D * N);
-    pack_columns(w_h.typed_data(), H, nullptr, 0, 3, H, Hp, p, WH + p * H * N);
+    pack_columns(w_x.typed_data(), D, nullptr, 0, 3, H, Hp, p, bf16, WX + p * Du * N);
+    pack_columns(w_h.typed_data(), H, nullptr, 0, 3, H, Hp, p, bf16, WH + p * Hu * N);
     pack_bias(bx.typed_data(), 3, H, Hp, p, BX + p * N);
     pack_bias(bh.typed_data(), 3, H, Hp, p, BH + p * N);
   };
@@ -638,8 +732,14 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
-    matmul(B, X + t * B * D, D, WX + p * D * N, nullptr, 0, nullptr, 16 * D, N, BX + p * N, zx);
-    matmul(B, hin, H, WH + p * H * N, nullptr, 0, nullptr, 16 * H, N, BH + p * N, zh);
+    const float* x = X + t * B * D;
+    const float* h_in = hin;
+    if (bf16) {  // this partition's own copy of the step's operands, rounded
+      x = as_pairs(B, x, D, pairs.data() + p * B * (Du + Hu));
+      h_in = as_pairs(B, hin, H, pairs.data() + p * B * (Du + Hu) + B * Du);
+    }
+    matmul(bf16, B, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N, zx);
+    matmul(bf16, B, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N, zh);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* xr = zx + r * N;
@@ -693,8 +793,8 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                           ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-                          int64_t partitions) {
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, ys->typed_data(),
+                          int64_t partitions, bool bf16) {
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, ys->typed_data(),
              h_out->typed_data(), nullptr);
 }
 
@@ -704,10 +804,10 @@ ffi::Error GruForwardSavingImpl(
     ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> hs,
     ffi::ResultBuffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> ph,
-    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions) {
+    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16) {
   float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
                            zs->typed_data()};
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, ys->typed_data(),
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, ys->typed_data(),
              h_out->typed_data(), saves);
 }
 
@@ -722,7 +822,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
                           ffi::Buffer<ffi::F32> ph, ffi::Buffer<ffi::F32> zs,
                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
-                          ffi::ResultBuffer<ffi::F32> dh_out, int64_t partitions) {
+                          ffi::ResultBuffer<ffi::F32> dh_out, int64_t partitions,
+                          bool bf16) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], w_h [H,3H]");
@@ -733,16 +834,18 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
       static_cast<long>(ph.element_count()) != T * B * G) {
     return ffi::Error::InvalidArgument("seqjax gru_reverse: shapes do not match");
   }
+  if (bf16 && !kHaveBf16) return NoBf16("gru_reverse");
+  const long Gu = units(G, bf16);  // packed rows of w_h^T
   const Flags fl = flags(valid, resets, T, B);
   const float* DY = dys.typed_data();
   const float* PH = ph.typed_data();
   const float* ZS = zs.typed_data();
-  Scratch packed(P * G * Hp);
+  Scratch packed(P * Gu * Hp);
   float* WT = packed.data();
   float* STEPS = steps_out->typed_data();
   float* DH = dh_out->typed_data();  // the carry gradient lives in the output
   std::memcpy(DH, dh_T.typed_data(), B * H * sizeof(float));
-  std::vector<float> g(B * G), products(P * B * Hp);
+  std::vector<float> g(B * G), products(P * B * Hp), pairs(bf16 ? P * B * Gu : 0);
   const std::vector<float> zeros(Hp, 0.f);
 
   auto gates = [&](long t, long p) {
@@ -762,7 +865,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    matmul(B, g.data(), G, WT + p * G * Hp, nullptr, 0, nullptr, 16 * G, Hp, zeros.data(),
+    const float* gt = bf16 ? as_pairs(B, g.data(), G, pairs.data() + p * B * Gu) : g.data();
+    matmul(bf16, B, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
       const long off = r * H + p * Hp, at = t * B * H + off;
@@ -777,14 +881,16 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
       }
     }
   };
-  auto pack = [&](long p) { pack_rows_transposed(w_h.typed_data(), 3, H, Hp, p, WT + p * G * Hp); };
+  auto pack = [&](long p) {
+    pack_rows_transposed(w_h.typed_data(), 3, H, Hp, p, bf16, WT + p * Gu * Hp);
+  };
   run_reverse_steps(T, P, pack, gates, carry);
   return ffi::Error::Success();
 }
 
 // The plain and the saving forward loops' shared arguments and first
 // results; the saving loops' handlers add their saves, then the attribute
-// (Partitioned()).
+// (Attributes()).
 auto LstmForwardBinding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()  // xs
@@ -800,10 +906,11 @@ auto LstmForwardBinding() {
       .Ret<ffi::Buffer<ffi::F32>>();  // c_T
 }
 
-// Every handler's last: the partition count, an attribute.
+// Every handler's last: the attributes, the partition count and whether the
+// matmuls round their operands to bfloat16.
 template <class Binding>
-auto Partitioned(Binding binding) {
-  return std::move(binding).template Attr<int64_t>("partitions");
+auto Attributes(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("partitions").template Attr<bool>("bf16");
 }
 
 auto GruForwardBinding() {
@@ -822,17 +929,17 @@ auto GruForwardBinding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, Partitioned(LstmForwardBinding()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, Attributes(LstmForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
-                              Partitioned(LstmForwardBinding()
+                              Attributes(LstmForwardBinding()
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ps
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ks
                                               .Ret<ffi::Buffer<ffi::F32>>()));  // fs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
-                              ffi::Ffi::Bind()
+                              Attributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
@@ -844,20 +951,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc_0
-                                  .Attr<int64_t>("partitions"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dc_0
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, Partitioned(GruForwardBinding()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, Attributes(GruForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
-                              Partitioned(GruForwardBinding()
+                              Attributes(GruForwardBinding()
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // px
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ph
                                               .Ret<ffi::Buffer<ffi::F32>>()));  // zs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
-                              ffi::Ffi::Bind()
+                              Attributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ph
@@ -866,5 +972,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
-                                  .Attr<int64_t>("partitions"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dh_0
