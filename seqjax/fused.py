@@ -66,19 +66,29 @@ def matmul(a, w, dtype=None, out_dtype=None):
   return jnp.matmul(a.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
 
 
-def _outer_sum(a, b, dtype, out_dtype):
+def _outer_sum(a, b, dtype, out_dtype, use_kernel=False):
   """``sum_t a_t^T b_t`` over every leading index: ``[..., m] x [..., n] -> [m, n]``.
 
   One 2-D matmul over the flattened rows. (The same product written as the
   einsum ``tbm,tbn->mn``, two contracting dimensions, ran 1.1-2x slower on
-  XLA:CPU: 50 against 98 GFLOP/s at T=1024, B=16, 128 x 512.)
+  XLA:CPU: 50 against 98 GFLOP/s at T=1024, B=16, 128 x 512.) With
+  ``use_kernel`` (the loops' kernels run this call) and bfloat16 operands, it
+  runs on :func:`seqjax.native.outer_sum`: XLA:CPU's bfloat16 product of this
+  shape ran no faster than its float32 one.
   """
   a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-  if dtype is not None:
-    a, b = a.astype(dtype), b.astype(dtype)
-  else:
-    out_dtype = None  # the operands' own promotion, as for ``a.T @ b``
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
+
+  def xla(a, b):
+    out = out_dtype
+    if dtype is not None:
+      a, b = a.astype(dtype), b.astype(dtype)
+    else:
+      out = None  # the operands' own promotion, as for ``a.T @ b``
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out)
+
+  kernel = (use_kernel and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+            and b.shape[-1] % 16 == 0)
+  return _kernel_or_xla(kernel, functools.partial(native.outer_sum, matmul_dtype=dtype), xla, a, b)
 
 
 def _kernel_or_xla(use_kernel: bool, kernel, xla, *args):
@@ -214,14 +224,15 @@ def _lstm_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, ps, ks, fs) = residuals
   dh_t, dc_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
-  (dh0, dc0), dz = _kernel_or_xla(native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype),
+  use_kernel = native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype)
+  (dh0, dc0), dz = _kernel_or_xla(use_kernel,
                                   functools.partial(native.lstm_reverse,
                                                     matmul_dtype=matmul_dtype),
                                   lambda *args: _lstm_reverse(*args, matmul_dtype),
                                   w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
   # The weight and input gradients: one large matmul each, over every step.
-  grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype),
-           "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype),
+  grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype, use_kernel),
+           "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype, use_kernel),
            "b": jnp.sum(dz, axis=(0, 1))}
   dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
   return _like(grads, params), dxs, dh0, dc0, None, None
@@ -324,7 +335,8 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
   params, xs, valid, resets, (hs, px, ph, zs) = residuals
   dh_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
-  dh0, dh_steps = _kernel_or_xla(native.usable(params, xs, (dh_t, dys), matmul_dtype),
+  use_kernel = native.usable(params, xs, (dh_t, dys), matmul_dtype)
+  dh0, dh_steps = _kernel_or_xla(use_kernel,
                                  functools.partial(native.gru_reverse,
                                                    matmul_dtype=matmul_dtype),
                                  lambda *args: _gru_reverse(*args, matmul_dtype),
@@ -332,8 +344,8 @@ def _gru_bwd(matmul_dtype, residuals, cotangents):
   tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]
-  grads = {"w_x": _outer_sum(xs, dxp, matmul_dtype, w_x.dtype),
-           "w_h": _outer_sum(hs, dhw, matmul_dtype, w_h.dtype),
+  grads = {"w_x": _outer_sum(xs, dxp, matmul_dtype, w_x.dtype, use_kernel),
+           "w_h": _outer_sum(hs, dhw, matmul_dtype, w_h.dtype, use_kernel),
            "b": jnp.sum(dxp, axis=(0, 1)),
            "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
   return (_like(grads, params), matmul(dxp, w_x.T, matmul_dtype, xs.dtype), dh0, None,

@@ -32,6 +32,8 @@ KINDS = ["lstm", "gru"]
 CELLS = {"lstm": cells.LSTM, "gru": cells.GRU}
 KERNELS = {"lstm": native.lstm_forward, "gru": native.gru_forward}
 TARGETS = ("seqjax_lstm_forward", "seqjax_gru_forward")
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in CPU_FLAGS,
+                                reason="bfloat16 kernels need a CPU with AVX512_BF16")
 
 
 def _problem(b, t, d, h, seed=0, kind="lstm"):
@@ -93,8 +95,7 @@ def test_threads_follow_the_setting_and_a_container_quota(monkeypatch):
   assert 1 <= native.threads() <= len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=pytest.mark.skipif(
-    "avx512_bf16" not in CPU_FLAGS, reason="bfloat16 kernels need a CPU with AVX512_BF16"))])
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
 def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch, matmul_dtype):
   args = _problem(8, 20, 5, 64)
   run = functools.partial(native.lstm_forward, matmul_dtype=matmul_dtype)
@@ -198,10 +199,6 @@ def test_other_dtypes_keep_the_xla_path(kind, monkeypatch):
     KERNELS[kind](params, xs, *carry, matmul_dtype="bfloat16")
 
 
-needs_bf16 = pytest.mark.skipif("avx512_bf16" not in CPU_FLAGS,
-                                reason="bfloat16 kernels need a CPU with AVX512_BF16")
-
-
 def _close_to_xla_bf16(got, want, f32, name):
   """The bfloat16 kernels round the same operands as the XLA path and sum in
   float32 in another order, so a value rounds to the other bfloat16 neighbour
@@ -266,6 +263,7 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
   loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
+  assert lowered.count("seqjax_outer_sum") == 2  # the gradients of w_x and w_h
   assert "bf16 = true" in lowered
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
   got = jax.jit(value_and_grads)(params, xs)
@@ -278,6 +276,25 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
     scale = np.abs(np.asarray(f)).max()
     _close_to_xla_bf16(np.asarray(g) / scale, np.asarray(w) / scale, np.asarray(f) / scale,
                        "value and gradients")
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("r,m,n", [(512, 24, 64), (37, 5, 48), (1, 3, 16), (0, 4, 32),
+                                   (300, 1, 2048)])
+def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
+  """a^T b over the rows, as the weight gradients take it: odd row counts (a
+  zero pads the last bfloat16 pair), fewer column panels than threads, no rows."""
+  k1, k2 = jax.random.split(jax.random.key(r + m + n))
+  a = jax.random.normal(k1, (r, m), jnp.float32)
+  b = jax.random.normal(k2, (r, n), jnp.float32)
+  got = jax.jit(functools.partial(native.outer_sum, matmul_dtype=matmul_dtype))(a, b)
+  want = jax.jit(lambda a, b: fused._outer_sum(a, b, matmul_dtype, jnp.float32))(a, b)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  # The same rounded operands, summed in another order.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(max(r, 1)))
+  if matmul_dtype and r:  # and not float32's products
+    f32 = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
+    assert np.abs(np.asarray(got) - f32).max() > 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -46,7 +46,8 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_lstm_reverse": "SeqjaxLstmReverse",
             "seqjax_gru_forward": "SeqjaxGruForward",
             "seqjax_gru_forward_saving": "SeqjaxGruForwardSaving",
-            "seqjax_gru_reverse": "SeqjaxGruReverse"}
+            "seqjax_gru_reverse": "SeqjaxGruReverse",
+            "seqjax_outer_sum": "SeqjaxOuterSum"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
@@ -243,10 +244,10 @@ def _flags(valid, resets):
           for m in (valid, resets)]
 
 
-def _call(target, shapes, hidden, matmul_dtype, *args):
+def _call(target, shapes, parts, matmul_dtype, *args):
   """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``, the
-  ``hidden`` units split in :func:`partitions` (the kernels pack the weights
-  for them), the matmuls' operands rounded to ``matmul_dtype``."""
+  work split in ``parts`` partitions (the recurrences' hidden units: see
+  :func:`partitions`), the matmuls' operands rounded to ``matmul_dtype``."""
   why_not = _load()
   if why_not is not None:
     raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
@@ -256,7 +257,7 @@ def _call(target, shapes, hidden, matmul_dtype, *args):
                      f"with AVX512_BF16; got {matmul_dtype!r}")
   out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      *args, partitions=np.int64(partitions(hidden)), bf16=bf16)
+      *args, partitions=np.int64(parts), bf16=bf16)
 
 
 def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None):
@@ -274,12 +275,12 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul
   args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry, carry]
   if not save:
-    ys, h, c = _call("seqjax_lstm_forward", shapes, hidden, matmul_dtype, *args)
+    ys, h, c = _call("seqjax_lstm_forward", shapes, partitions(hidden), matmul_dtype, *args)
     return h, c, ys
   saved_widths = (hidden, 4 * hidden, hidden, hidden)
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
-                           shapes + [(time, batch, width) for width in saved_widths], hidden,
-                           matmul_dtype, *args)
+                           shapes + [(time, batch, width) for width in saved_widths],
+                           partitions(hidden), matmul_dtype, *args)
   return (h, c, ys), tuple(saved)
 
 
@@ -289,7 +290,7 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matm
   ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from)."""
   time, batch, hidden = dys.shape
   dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
-                     hidden, matmul_dtype, dh_t, dc_t, dys, ps, ks, fs, w_h,
+                     partitions(hidden), matmul_dtype, dh_t, dc_t, dys, ps, ks, fs, w_h,
                      *_flags(valid, resets))
   return (dh, dc), dz
 
@@ -307,12 +308,12 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtyp
   args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
   shapes = [(time, batch, hidden), carry]
   if not save:
-    ys, h = _call("seqjax_gru_forward", shapes, hidden, matmul_dtype, *args)
+    ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args)
     return h, ys
   saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
   ys, h, *saved = _call("seqjax_gru_forward_saving",
-                        shapes + [(time, batch, width) for width in saved_widths], hidden,
-                        matmul_dtype, *args)
+                        shapes + [(time, batch, width) for width in saved_widths],
+                        partitions(hidden), matmul_dtype, *args)
   return (h, ys), tuple(saved)
 
 
@@ -321,10 +322,20 @@ def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=No
   backward pass, on the kernel (``ph``, ``zs``: what its forward saved;
   ``dh_steps [T, B, H]``: the gradient reaching each step's output)."""
   time, batch, hidden = dys.shape
-  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape], hidden,
+  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape], partitions(hidden),
                     matmul_dtype, dh_t, dys, ph, zs, w_h, *_flags(valid, resets))
   return dh, steps
 
 
+def outer_sum(a, b, matmul_dtype=None):
+  """``sum_t a_t^T b_t`` over every leading index, ``[..., M] x [..., N] -> [M, N]``
+  float32, on the kernel: :func:`seqjax.fused`'s weight gradients (``N`` a
+  multiple of 16), the operands rounded to ``matmul_dtype`` (``None`` or
+  ``"bfloat16"``), the products summed in float32."""
+  a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+  (z,) = _call("seqjax_outer_sum", [(a.shape[1], b.shape[1])], threads(), matmul_dtype, a, b)
+  return z
+
+
 __all__ = ["status", "usable", "disabled", "threads", "partitions", "lstm_forward", "lstm_reverse",
-           "gru_forward", "gru_reverse"]
+           "gru_forward", "gru_reverse", "outer_sum"]

@@ -241,6 +241,22 @@ inline __m512i bf16_pairs(__m512 first, __m512 second) {
 inline __m512 dot_pairs(__m512 acc, __m512 a, __m512 w) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(w));
 }
+// The lanes of v that `keep` selects, rounded to bfloat16, stored at to.
+inline void store_bf16(uint16_t* to, __mmask16 keep, __m512 v) {
+  _mm256_mask_storeu_epi16(to, keep, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+#else  // built for a CPU without AVX512_BF16: the handlers refuse bf16 calls
+constexpr bool kHaveBf16 = false;
+inline __m512i bf16_pairs(__m512, __m512) { return _mm512_setzero_si512(); }
+inline __m512 dot_pairs(__m512 acc, __m512, __m512) { return acc; }
+inline void store_bf16(uint16_t*, __mmask16, __m512) {}
+#endif
+
+// The first n of 16 lanes (all of them from 16 on).
+inline __mmask16 first_lanes(long n) {
+  return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // Rows of a [B, K] (K apart) rounded to bfloat16, as pairs: rows units(K)
 // units apart, in out. Returns out, as the matmul's operand.
 const float* as_pairs(long B, const float* a, long K, float* out) {
@@ -249,20 +265,13 @@ const float* as_pairs(long B, const float* a, long K, float* out) {
     const float* from = a + r * K;
     uint16_t* to = reinterpret_cast<uint16_t*>(out + r * U);
     for (long k = 0; k < K; k += 16) {
-      const __mmask16 live = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, from + k));
-      _mm256_mask_storeu_epi16(to + k, live, reinterpret_cast<__m256i>(v));
+      const __mmask16 live = first_lanes(K - k);
+      store_bf16(to + k, live, _mm512_maskz_loadu_ps(live, from + k));
     }
     if (K % 2) to[K] = 0;
   }
   return out;
 }
-#else  // built for a CPU without AVX512_BF16: the handlers refuse bf16 calls
-constexpr bool kHaveBf16 = false;
-inline __m512i bf16_pairs(__m512, __m512) { return _mm512_setzero_si512(); }
-inline __m512 dot_pairs(__m512 acc, __m512, __m512) { return acc; }
-const float* as_pairs(long, const float* a, long, float*) { return a; }
-#endif
 
 // Rows row(0) ... row(K - 1) (16 floats each) into a panel at `to`, as
 // floats or bfloat16 pairs; returns the panel's end.
@@ -361,14 +370,14 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2
 
 // z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
 // units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
-// apart); N a multiple of 16. Column blocks outside, so each block of w stays
+// apart); N a multiple of 16, rows of z ldz apart. Column blocks outside, so each block of w stays
 // in cache across the row tiles. A tile sums k in order whatever its shape,
 // so the shapes are free: with few rows, more panels at a time keep 8 or more
 // accumulators in flight (the FMA latency), and one row (a matrix-vector
 // product) reads 8 panels.
 template <bool BF>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
-            const float* w2, long S, long N, const float* b, float* z) {
+            const float* w2, long S, long N, const float* b, float* z, long ldz) {
   const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
   for (long n0 = 0; n0 < N;) {
     long v = wide;
@@ -380,16 +389,17 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
                          : v == 4 ? kTiles<BF, 4>
                          : v == 2 ? kTiles<BF, 2>
                                   : kTiles<BF, 1>)[m];
-      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, N, b + n0,
-           z + r0 * N + n0);
+      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz, b + n0,
+           z + r0 * ldz + n0);
     }
     n0 += 16 * v;
   }
 }
 
+// Rows of z N apart, unless ldz says otherwise.
 void matmul(bool bf16, long B, const float* a1, long K1, const float* w1, const float* a2,
-            long K2, const float* w2, long S, long N, const float* b, float* z) {
-  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, z);
+            long K2, const float* w2, long S, long N, const float* b, float* z, long ldz = 0) {
+  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, z, ldz ? ldz : N);
 }
 
 // valid / resets flags, either of which may be absent.
@@ -888,6 +898,62 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   return ffi::Error::Success();
 }
 
+// The weight gradients' product: out [M, N] = a^T b, summed over the R rows
+// of a [R, M] and b [R, N] (every step and batch row of a sequence), with
+// bfloat16 operands when bf16. Rank q of the P threads packs its share of
+// b's column panels and of a^T's rows (gathered, as pairs along R when
+// bf16); after a barrier each computes its panels' columns of every row.
+ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t partitions, bool bf16) {
+  const auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || ad[0] != bd[0] || bd[1] % 16 != 0 || partitions < 1) {
+    return ffi::Error::InvalidArgument(
+        "seqjax outer_sum: expected a [R,M] and b [R,N] with N a multiple of 16");
+  }
+  if (bf16 && !kHaveBf16) return NoBf16("outer_sum");
+  const long R = ad[0], M = ad[1], N = bd[1], Ru = units(R, bf16), panels = N / 16;
+  const long P = std::max<long>(1, std::min<long>(partitions, panels));
+  Scratch packed(panels * Ru * 16 + M * Ru);
+  float* W = packed.data();
+  float* A = W + panels * Ru * 16;  // a^T, rows Ru units apart
+  float* Z = out->typed_data();
+  const std::vector<float> zeros(N, 0.f);
+  auto share = [&](long n, long p) { return n * p / P; };  // p's share starts here
+
+  auto pack = [&](long p) {
+    for (long j = share(panels, p); j < share(panels, p + 1); ++j) {
+      const float* from = b.typed_data() + 16 * j;
+      panel(R, bf16, [&](long k) { return _mm512_loadu_ps(from + k * N); }, W + j * Ru * 16);
+    }
+  };
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(M)));
+  run_steps(2, P, pack, [&](long t, long p) {
+    if (t == 0) {  // a^T's rows of this share: 16 of R at a time, a zero padding an odd R
+      for (long m = share(M, p); m < share(M, p + 1); ++m) {
+        for (long r = 0; r < R; r += 16) {
+          const __mmask16 live = first_lanes(R - r);
+          const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows,
+                                                         a.typed_data() + r * M + m, 4);
+          if (bf16) {  // up to and with the pad
+            store_bf16(reinterpret_cast<uint16_t*>(A + m * Ru) + r, first_lanes(2 * Ru - r), column);
+          } else {
+            _mm512_mask_storeu_ps(A + m * Ru + r, live, column);
+          }
+        }
+      }
+      return;
+    }
+    const long first = share(panels, p), count = share(panels, p + 1) - first;
+    if (count) {
+      matmul(bf16, M, A, Ru, W + first * Ru * 16, nullptr, 0, nullptr, 16 * Ru, 16 * count,
+             zeros.data(), Z + 16 * first, N);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // The plain and the saving forward loops' shared arguments and first
 // results; the saving loops' handlers add their saves, then the attribute
 // (Attributes()).
@@ -973,3 +1039,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
                                   .Ret<ffi::Buffer<ffi::F32>>()));  // dh_0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
+                              Attributes(ffi::Ffi::Bind()
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                             .Ret<ffi::Buffer<ffi::F32>>()));  // a^T b
