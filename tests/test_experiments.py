@@ -23,7 +23,13 @@ def test_config_opens_with_its_command_time_and_result(name):
   assert "Expected on 2 CPU cores:" in doc and "TODO" not in doc
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+# The char-LM's Tiny Shakespeare configs share charlm's code path on other
+# data and sizes: the slow run trains them (the default suite's time budget).
+SLOW_QUICK = {"charlm_shakespeare", "charlm_shakespeare_large"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_QUICK
+                                  else n for n in EXPERIMENTS])
 def test_quick_config_trains_and_evaluates(name, tmp_path: Path):
   config = load_config(name, quick=True)
   skip_without_data(config)

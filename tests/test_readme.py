@@ -19,6 +19,7 @@ def _blocks(language):
   return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
+@pytest.mark.slow  # ~20 s: the two examples at full size
 def test_readme_python_examples_run():
   examples = _blocks("python")
   assert len(examples) >= 2  # the quick start and the long-sequence example
@@ -63,6 +64,7 @@ def test_readme_main_command_trains_a_char_lm_and_samples(tmp_path):
   assert outputs[1].startswith(prompt) and len(outputs[1]) == len(prompt) + length + 1
 
 
+@pytest.mark.slow  # ~11 s: 400 training steps in a fresh process
 def test_quickstart_learns_the_adding_problem():
   """A shrunk run of examples/quickstart.py (in README's layout) beats the mean predictor."""
   out = subprocess.run(

@@ -370,9 +370,9 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2
 
 // z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
 // units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
-// apart); N a multiple of 16, rows of z ldz apart. Column blocks outside, so each block of w stays
-// in cache across the row tiles. A tile sums k in order whatever its shape,
-// so the shapes are free: with few rows, more panels at a time keep 8 or more
+// apart); N a multiple of 16, rows of z ldz apart. Column blocks outside, so
+// each block of w stays in cache across the row tiles. A tile sums k in order
+// whatever its shape, so the shapes are free: with few rows, more panels at a time keep 8 or more
 // accumulators in flight (the FMA latency), and one row (a matrix-vector
 // product) reads 8 panels.
 template <bool BF>
