@@ -422,6 +422,7 @@ Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, l
 // the pool busy (another recurrence running at the same time) runs alone.
 template <class Pack, class Step>
 void run_steps(long T, long P, const Pack& pack, const Step& step) {
+  if (T <= 0) return;  // no steps: nothing to pack for
   Pool& pool = Pool::get();
   std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
   const long ranks = lock.owns_lock() ? std::min<long>(P, 1024) : 1;  // P: Python's threads()

@@ -53,13 +53,16 @@ def test_causality_by_gradient():
   tokens = jnp.arange(T)[None, :]  # each position its own character, so the
   # gradient on embedding row s is the gradient on the input at step s
 
-  def logits_at(table, t):
-    params = dict(variables["params"], embed=table)
-    _, out = model.apply({"params": params}, {"inputs": tokens}, None)
-    return jnp.sum(out["logits"][0, t])
+  @jax.jit  # one compilation for every t
+  def grad_at(table, t):
+    def logits_at(table):
+      params = dict(variables["params"], embed=table)
+      _, out = model.apply({"params": params}, {"inputs": tokens}, None)
+      return jnp.sum(out["logits"][0, t])
+    return jax.grad(logits_at)(table)
 
   for t in range(T):
-    grad = jax.grad(logits_at)(variables["params"]["embed"], t)  # [V, E]
+    grad = grad_at(variables["params"]["embed"], t)  # [V, E]
     per_step = np.abs(np.asarray(grad[:T])).sum(axis=1)  # [T]
     assert np.all(per_step[t + 1:] == 0), (t, per_step)
     assert np.all(per_step[:t + 1] > 0), (t, per_step)
