@@ -317,6 +317,8 @@ def main(argv=None):
       reason = unavailable(name)
       if reason:
         parser.error(reason)
+  # Every contender runs in this process, so all of them get the reuse.
+  reuse = native.reuse_freed_memory()
   sizes = QUICK_SIZES if args.quick else SIZES
   if args.sizes:
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
@@ -336,7 +338,7 @@ def main(argv=None):
               f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
                 peak_matmul=peak_n, backend=BACKEND, precision=_precision(contenders),
-                seqjax_native=native.status())
+                seqjax_native=native.status(), reuse_freed_memory=reuse)
   common.write(args.out, NAME, config, results)
   print(common.readme_table(NAME, markdown, results, update=args.update_readme))
 

@@ -221,6 +221,8 @@ def run(argv) -> int:
   from seqjax.train import loop, parallel  # noqa: PLC0415
 
   if args.command == "train":
+    from seqjax import native  # noqa: PLC0415
+    native.reuse_freed_memory()  # XLA:CPU's per-call buffers: no page faults every step
     config = load_config(args.experiment, overrides, quick=args.quick)
     workdir = _writable_workdir(args.workdir)
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,

@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -531,3 +532,36 @@ def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
     params, xs, *carry = _problem(b, t, d, h, kind=kind)
     assert native.usable(params, xs, carry, None) == want, (b, t, d, h)
     assert lowers_a_kernel(params, xs, *carry) == want, (b, t, d, h)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
+  """A jitted function with 4 MB intermediates: by default each call faults
+  their pages in afresh (glibc gave the last call's back); after
+  reuse_freed_memory() the calls reuse them. In a fresh process: the setting
+  is for the whole process."""
+  code = textwrap.dedent("""
+      import resource
+      import jax, jax.numpy as jnp
+      from seqjax import native
+
+      f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) @ x, axis=0) @ x)
+      x = jnp.ones((1024, 1024), jnp.float32)
+
+      def faults_per_call():
+        jax.block_until_ready(f(x))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+          jax.block_until_ready(f(x))
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
+
+      default = max(faults_per_call() for _ in range(3))
+      assert native.reuse_freed_memory()
+      # XLA's threads allocate from several of glibc's arenas, each of
+      # which first has to hold what it reuses: the lowest of a few calls.
+      print(default, min(faults_per_call() for _ in range(4)))
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).parents[1])
+  default, kept = map(int, out.stdout.split())
+  assert default > 1_000 and kept < default / 10, (default, kept)
