@@ -26,7 +26,7 @@ import numpy as np
 import peers
 
 import seqjax
-from seqjax import cells
+from seqjax import cells, native
 
 CONTENDERS = {"float32": None, "bfloat16": "bfloat16"}  # seqjax's matmul_dtype
 TORCH = {"torch_float32": None, "torch_bfloat16": "bfloat16"}  # torch's autocast dtype
@@ -113,6 +113,7 @@ def main(argv=None):
   if args.table_from:
     common.table_from(args.table_from, "precision", markdown)
     return
+  reuse = native.reuse_freed_memory()  # as in peers.py: for every contender
   sizes = peers.QUICK_SIZES if args.quick else peers.SIZES
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   results = []
@@ -133,7 +134,8 @@ def main(argv=None):
               f"{errors['outputs']:.1e}, gradients <= {max(errors['gradients'].values()):.1e} "
               f"(torch: {torch_errors['outputs']:.1e}, "
               f"{max(torch_errors['gradients'].values()):.1e})", flush=True)
-  common.write(args.out, "precision", dict(sizes=sizes, rounds=rounds, calls=calls), results)
+  common.write(args.out, "precision", dict(sizes=sizes, rounds=rounds, calls=calls,
+                                           reuse_freed_memory=reuse), results)
   print(common.readme_table("precision", markdown, results, update=args.update_readme))
 
 

@@ -8,6 +8,7 @@ finite measurements, so a broken benchmark is noticed before someone relies on i
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_peers(tmp_path):
   assert payload["config"]["seqjax_native"] == native.status()  # the inference kernels, or why not
   assert payload["config"]["contenders"] == ["seqjax", "seqjax_xla", "torch", "flax", "keras"]
   assert payload["config"]["precision"]["torch_float32_matmul_precision"] == "highest"
+  # Every contender runs with freed memory kept for reuse where the C library allows it.
+  assert payload["config"]["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   assert {(r["cell"], r["mode"]) for r in rows} == {
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
   for r in rows:
@@ -164,6 +167,7 @@ def test_charlm_curves(tmp_path):
 
 def test_precision(tmp_path):
   payload, out = _run("precision", tmp_path)
+  assert payload["config"]["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   assert {(r["cell"], r["mode"]) for r in payload["results"]} == {
       (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
   for r in payload["results"]:
