@@ -23,9 +23,10 @@ def test_config_opens_with_its_command_time_and_result(name):
   assert "Expected on 2 CPU cores:" in doc and "TODO" not in doc
 
 
-# The char-LM's Tiny Shakespeare configs share charlm's code path on other
-# data and sizes: the slow run trains them (the default suite's time budget).
-SLOW_QUICK = {"charlm_shakespeare", "charlm_shakespeare_large"}
+# The char-LM configs (the default run trains a char-LM on real text in
+# tests/train/test_sample.py): the slow run trains them (the default suite's
+# time budget).
+SLOW_QUICK = {"charlm", "charlm_shakespeare", "charlm_shakespeare_large"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_QUICK

@@ -64,6 +64,17 @@ def _lowered(f, *args):
   return jax.jit(f).lower(*args).as_text()
 
 
+def _training_problem(kind, matmul_dtype=None):
+  """``(params, xs, options, loss)``: a sum of squared outputs through
+  ``seqjax.scan`` with resets and lengths, for the training tests."""
+  cell = CELLS[kind](64, matmul_dtype=matmul_dtype)
+  params = cell.init(jax.random.key(0), 6, jnp.float32)
+  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
+  options = {"resets": np.eye(4, 18, 3, dtype=bool), "lengths": np.array([18, 7, 16, 3])}
+  loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
+  return params, xs, options, loss
+
+
 def test_the_kernel_builds_here():
   assert native.status() == "ready"
 
@@ -262,11 +273,7 @@ def test_bfloat16_kernels_match_the_xla_bfloat16_loops(kind, b, t, d, h, masks):
 @needs_bf16
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
-  cell = CELLS[kind](64, matmul_dtype="bfloat16")
-  params = cell.init(jax.random.key(0), 6, jnp.float32)
-  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
-  options = {"resets": np.eye(4, 18, 3, dtype=bool), "lengths": np.array([18, 7, 16, 3])}
-  loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
+  params, xs, _, loss = _training_problem(kind, "bfloat16")
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
   assert lowered.count("seqjax_outer_sum") == 2  # the gradients of w_x and w_h
@@ -275,9 +282,8 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
   got = jax.jit(value_and_grads)(params, xs)
   with native.disabled():
     want = jax.jit(value_and_grads)(params, xs)
-  f32_cell = CELLS[kind](64)
-  f32 = jax.value_and_grad(lambda p, x: jnp.sum(seqjax.scan(f32_cell, p, x, **options)[1] ** 2),
-                           argnums=(0, 1))(params, xs)
+  f32_loss = _training_problem(kind)[-1]  # the same problem, float32 matmuls
+  f32 = jax.value_and_grad(f32_loss, argnums=(0, 1))(params, xs)
   for g, w, f in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(f32)):
     scale = np.abs(np.asarray(f)).max()
     _close_to_xla_bf16(np.asarray(g) / scale, np.asarray(w) / scale, np.asarray(f) / scale,
@@ -412,11 +418,8 @@ def test_the_saving_kernel_saves_what_the_xla_forward_saves(kind, b, t, d, h, ma
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_takes_the_kernels_and_matches_the_reference(kind):
+  params, xs, options, loss = _training_problem(kind)
   cell = CELLS[kind](64)
-  params = cell.init(jax.random.key(0), 6, jnp.float32)
-  xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
-  options = {"resets": np.eye(4, 18, 3, dtype=bool), "lengths": np.array([18, 7, 16, 3])}
-  loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **options)[1] ** 2)
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)

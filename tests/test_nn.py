@@ -36,10 +36,13 @@ def test_rnn_equals_driver(cell, reverse):
   jax.tree.map(np.testing.assert_array_equal, carry, expected[0])
 
 
+# The wrappers pass remat through one shared path: the slow run checks them
+# (the default suite's time budget).
 @pytest.mark.parametrize("layer", [
     snn.RNN(cells.LSTM(H), remat=4),
-    snn.Bidirectional(cells.GRU(H), remat=4),
-    snn.StackedRNN((cells.LSTM(H), cells.LSTM(H)), remat=4)], ids=["rnn", "bidirectional", "stacked"])
+    pytest.param(snn.Bidirectional(cells.GRU(H), remat=4), marks=pytest.mark.slow),
+    pytest.param(snn.StackedRNN((cells.LSTM(H), cells.LSTM(H)), remat=4), marks=pytest.mark.slow)],
+    ids=["rnn", "bidirectional", "stacked"])
 def test_remat_reaches_the_driver(layer):
   """A layer with ``remat`` gives the values and gradients of the one without."""
   xs = _xs(jnp.float64)

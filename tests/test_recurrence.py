@@ -320,9 +320,13 @@ def _stack_problem(bidirectional=False, layers=3):
   return layer_cells, params, xs
 
 
-@pytest.mark.parametrize("bidirectional, reverse", [(False, False), (False, True),
-                                                    (True, False)])
-@pytest.mark.parametrize("residual", [False, True])
+# Two of the six combinations in the default run (numerical gradients take
+# 6-10 s each), all six in the slow run.
+@pytest.mark.parametrize("bidirectional, reverse, residual", [
+    (False, False, False), (True, False, True),
+    *(pytest.param(*c, marks=pytest.mark.slow)
+      for c in [(False, True, False), (True, False, False), (False, False, True),
+                (False, True, True)])])
 def test_stacked_is_layer_composition(bidirectional, reverse, residual):
   layer_cells, params, xs = _stack_problem(bidirectional)
   kwargs = dict(lengths=LENGTHS, mask=MASK)
