@@ -196,8 +196,9 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
-  ``matmul_dtype`` ``None``, float32, or bfloat16 on a CPU with AVX512_BF16, a CPU backend, a hidden size it splits, a call long
-  enough to repay packing the weights (at least ``_MIN_STEPS``, 4, steps, and
+  ``matmul_dtype`` ``None``, float32, or bfloat16 on a CPU with AVX512_BF16, a
+  CPU backend, a hidden size it splits, a call long enough to repay packing the
+  weights (at least ``_MIN_STEPS``, 4, steps, and
   T B >= weights / 2^15), the kernels built, and not inside :func:`disabled`.
   """
   if getattr(_disabled, "on", False):
@@ -222,15 +223,16 @@ def reuse_freed_memory() -> bool:
   """Keeps the memory this process frees for its own reuse (glibc's malloc).
 
   By default glibc gives large freed blocks back to the operating system:
-  blocks of more than a few megabytes are mapped and unmapped one by one, and
-  free space at the heap's top is trimmed. XLA:CPU allocates a call's
-  buffers afresh on every call, so each call then faults its pages in
-  again, and zeroes them: one LSTM training step at B = 32, T = 128,
-  D = H = 256 took 16-22k page faults (68-90 MB), 35-45 % of the step
-  (benchmarks/README.md). After this call freed memory stays in the heap and
-  the next call reuses it: the process keeps its peak memory instead of
-  returning it. ``seqjax train`` and the speed benchmarks call it; call it
-  at the start of a long CPU training job.
+  blocks above a threshold (128 KB, rising with use to at most 32 MB) are
+  mapped and unmapped one by one, and free space at the heap's top is
+  trimmed. XLA:CPU allocates a call's buffers afresh on every call, so each
+  call then faults its pages in again, and zeroes them: one LSTM training
+  step at B = 32, T = 128, D = H = 256 took 16-22k page faults (68-90 MB),
+  35-48 % of the step (benchmarks/README.md). After this call freed memory
+  stays in the heap and the next call reuses it: the process keeps its peak
+  memory instead of returning it. ``seqjax train``, ``benchmarks/peers.py``
+  and ``benchmarks/precision.py`` call it; call it at the start of a long CPU
+  training job.
 
   Returns:
     True if applied; False where the C library is not glibc (nothing changes).
