@@ -86,8 +86,7 @@ def _outer_sum(a, b, dtype, out_dtype, use_kernel=False):
       out = None  # the operands' own promotion, as for ``a.T @ b``
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out)
 
-  kernel = (use_kernel and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-            and b.shape[-1] % 16 == 0)
+  kernel = use_kernel and native._bf16(dtype) is True and b.shape[-1] % 16 == 0
   return _kernel_or_xla(kernel, functools.partial(native.outer_sum, matmul_dtype=dtype), xla, a, b)
 
 

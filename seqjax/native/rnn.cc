@@ -273,6 +273,18 @@ const float* as_pairs(long B, const float* a, long K, float* out) {
   return out;
 }
 
+// A matmul's left operand, rows a [B, K]: as it is, or (bf16) rounded to
+// pairs in buffer `pairs` (B units(K) units).
+const float* operand(bool bf16, long B, const float* a, long K, float* pairs) {
+  return bf16 ? as_pairs(B, a, K, pairs) : a;
+}
+
+// Offsets of 16 consecutive rows `stride` floats apart, for a gather.
+inline __m512i row_offsets(long stride) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
 // Rows row(0) ... row(K - 1) (16 floats each) into a panel at `to`, as
 // floats or bfloat16 pairs; returns the panel's end.
 template <class Row>
@@ -313,9 +325,7 @@ void pack_bias(const float* b, long G, long H, long Hp, long p, float* out) {
 void pack_rows_transposed(const float* w, long G, long H, long Hp, long p, bool bf16,
                           float* out) {
   const long width = G * H;
-  const __m512i rows = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(width)));
+  const __m512i rows = row_offsets(width);
   for (long j = 0; j < Hp / 16; ++j) {
     const float* from = w + (p * Hp + 16 * j) * width;
     panel(width, bf16, [&](long k) { return _mm512_i32gather_ps(rows, from + k, 4); },
@@ -526,12 +536,9 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
-    const float* x = X + t * B * D;
-    const float* h_in = hin;
-    if (bf16) {  // this partition's own copy of the step's operands, rounded
-      x = as_pairs(B, x, D, pairs.data() + p * B * K);
-      h_in = as_pairs(B, hin, H, pairs.data() + p * B * K + B * Du);
-    }
+    // bf16: this partition's own copy of the step's operands, rounded
+    const float* x = operand(bf16, B, X + t * B * D, D, pairs.data() + p * B * K);
+    const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * K + B * Du);
     matmul(bf16, B, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
@@ -668,8 +675,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    const float* dz = DZ + t * B * G;
-    if (bf16) dz = as_pairs(B, dz, G, pairs.data() + p * B * Gu);
+    const float* dz = operand(bf16, B, DZ + t * B * G, G, pairs.data() + p * B * Gu);
     matmul(bf16, B, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
@@ -743,12 +749,9 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
-    const float* x = X + t * B * D;
-    const float* h_in = hin;
-    if (bf16) {  // this partition's own copy of the step's operands, rounded
-      x = as_pairs(B, x, D, pairs.data() + p * B * (Du + Hu));
-      h_in = as_pairs(B, hin, H, pairs.data() + p * B * (Du + Hu) + B * Du);
-    }
+    // bf16: this partition's own copy of the step's operands, rounded
+    const float* x = operand(bf16, B, X + t * B * D, D, pairs.data() + p * B * (Du + Hu));
+    const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * (Du + Hu) + B * Du);
     matmul(bf16, B, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N, zx);
     matmul(bf16, B, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N, zh);
     const __m512 one = _mm512_set1_ps(1.f);
@@ -876,7 +879,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    const float* gt = bf16 ? as_pairs(B, g.data(), G, pairs.data() + p * B * Gu) : g.data();
+    const float* gt = operand(bf16, B, g.data(), G, pairs.data() + p * B * Gu);
     matmul(bf16, B, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
@@ -927,9 +930,7 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       panel(R, bf16, [&](long k) { return _mm512_loadu_ps(from + k * N); }, W + j * Ru * 16);
     }
   };
-  const __m512i rows = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(M)));
+  const __m512i rows = row_offsets(M);
   run_steps(2, P, pack, [&](long t, long p) {
     if (t == 0) {  // a^T's rows of this share: 16 of R at a time, a zero padding an odd R
       for (long m = share(M, p); m < share(M, p + 1); ++m) {
@@ -938,7 +939,8 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
           const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, rows,
                                                          a.typed_data() + r * M + m, 4);
           if (bf16) {  // up to and with the pad
-            store_bf16(reinterpret_cast<uint16_t*>(A + m * Ru) + r, first_lanes(2 * Ru - r), column);
+            uint16_t* to = reinterpret_cast<uint16_t*>(A + m * Ru) + r;
+            store_bf16(to, first_lanes(2 * Ru - r), column);
           } else {
             _mm512_mask_storeu_ps(A + m * Ru + r, live, column);
           }
