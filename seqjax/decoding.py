@@ -79,6 +79,23 @@ def sample_logits(key: Array, logits: Array, *, temperature: float = 1.0, top_k:
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def gumbel_noise(key: Array, shape: tuple[int, int], length: int, *, start: int = 0,
+                 temperature: float = 1.0) -> Array:
+  """The noise :func:`generate` adds to the logits of positions ``start ...
+  start + length - 1``: ``[length, B, V]`` float32, for logits ``shape = (B, V)``.
+
+  :func:`sample_logits` draws ``argmax(logits / temperature + noise)``: Gumbel
+  noise from ``fold_in(key, position)``, as ``jax.random.categorical`` draws
+  it, or zeros when greedy (``temperature`` 0). A sampler that adds this noise
+  itself (the native char-LM sampler) draws the tokens :func:`generate` draws.
+  """
+  if temperature == 0:
+    return jnp.zeros((length, *shape), jnp.float32)
+  positions = start + jnp.arange(length)
+  return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), shape,
+                                              jnp.float32))(positions)
+
+
 def generate(step: Step, params, carry, logits: Array, key: Array, length: int, *,
              start: int = 0, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0) -> tuple[Any, Array, Array]:

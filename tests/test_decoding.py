@@ -78,3 +78,20 @@ def test_chunked_generation_draws_the_same_sequence():
 def test_bad_settings_raise(settings, message):
   with pytest.raises(ValueError, match=message):
     decoding.sample_logits(jax.random.key(0), jnp.zeros((1, 4)), **settings)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
+def test_gumbel_noise_is_the_noise_generate_adds(temperature):
+  """argmax(logits / temperature + noise[i]) is sample_logits's draw at
+  position start + i: a sampler adding this noise draws generate's tokens."""
+  key, start = jax.random.key(4), 5
+  logits = jax.random.normal(jax.random.key(1), (6, 30), jnp.float32)
+  noise = decoding.gumbel_noise(key, (6, 30), 12, start=start, temperature=temperature)
+  assert noise.shape == (12, 6, 30) and noise.dtype == jnp.float32
+  scaled = logits / temperature if temperature else logits
+  for i in range(12):
+    want = decoding.sample_logits(jax.random.fold_in(key, start + i), logits,
+                                  temperature=temperature)
+    np.testing.assert_array_equal(jnp.argmax(scaled + noise[i], axis=-1), want)
+  if temperature:
+    assert len(np.unique(np.asarray(jnp.argmax(scaled + noise, axis=-1)))) > 5

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import cells, fused, native
+from seqjax import cells, decoding, fused, native
 from tests import reference
 
 CPU_FLAGS = native._cpu_flags()
@@ -228,8 +228,10 @@ def _close_to_xla_bf16(got, want, f32, name):
 
 
 @needs_bf16
-@pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64), (13, 9, 5, 96), (1, 4, 5, 80),
-                                     (4, 0, 3, 32)])
+# Beyond the first shape, the slow run (the default suite's time budget).
+@pytest.mark.parametrize("b,t,d,h", [(16, 40, 24, 64)] + [
+    pytest.param(*shape, marks=pytest.mark.slow)
+    for shape in [(13, 9, 5, 96), (1, 4, 5, 80), (4, 0, 3, 32)]])
 @pytest.mark.parametrize("masks", ["none", "both"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_kernels_match_the_xla_bfloat16_loops(kind, b, t, d, h, masks):
@@ -379,6 +381,7 @@ def _fresh_process(env_extra, tmp_path):
   return run.stdout
 
 
+@pytest.mark.slow  # ~4 s each, a fresh process: the slow run (the default suite's budget)
 def test_disabled_by_environment_falls_back(tmp_path):
   out = _fresh_process({"SEQJAX_NATIVE": "0"}, tmp_path)
   assert "STATUS disabled by SEQJAX_NATIVE=0" in out and "CUSTOM False" in out
@@ -386,6 +389,7 @@ def test_disabled_by_environment_falls_back(tmp_path):
   assert not list(tmp_path.iterdir())  # nothing built
 
 
+@pytest.mark.slow
 def test_a_failed_build_warns_once_and_falls_back(tmp_path):
   out = _fresh_process({"CXX": "/bin/false"}, tmp_path)
   assert "STATUS build failed: /bin/false failed on rnn.cc" in out, out
@@ -479,6 +483,7 @@ def test_a_fresh_process_starts_its_workers_and_finishes():
   assert "DONE 2" in run.stdout
 
 
+@pytest.mark.slow  # ~5 s each (the default suite's time budget)
 @pytest.mark.parametrize("kind", KINDS)
 def test_second_derivatives_through_the_kernels_match_float64(kind):
   """Grad of grad in float32 where the kernels run: it differentiates the XLA
@@ -568,3 +573,107 @@ def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
                        cwd=Path(__file__).parents[1])
   default, kept = map(int, out.stdout.split())
   assert default > 1_000 and kept < default / 10, (default, kept)
+
+
+def _sampling_model(h, v, layers, matmul_dtype=None, seed=0):
+  """``(cell, layers, embed, head)``: a stacked LSTM language model, a peaked
+  read-out (so the draws vary and are not near ties)."""
+  cell = cells.LSTM(h, matmul_dtype=matmul_dtype)
+  k = jax.random.split(jax.random.key(seed), layers + 3)
+  params = [cell.init(k[l], 8 if l == 0 else h, jnp.float32) for l in range(layers)]
+  embed = jax.random.normal(k[layers], (v, 8), jnp.float32)
+  head = (3 * jax.random.normal(k[layers + 1], (h, v), jnp.float32) / h ** 0.5,
+          jax.random.normal(k[layers + 2], (v,), jnp.float32))
+  return cell, params, embed, head
+
+
+def _reference_sample(cell, layers, embed, head, carry, logits, key, length, temperature):
+  """decoding.generate on the same model, in XLA: what lstm_sample must draw."""
+  def step(_, carry, tokens):
+    x, new = embed[tokens[:, -1]], []
+    for p, c in zip(layers, carry):
+      c, x = cell.step(p, cells.LSTMCarry(*c), cell.project(p, x))
+      new.append(tuple(c))
+    return new, x @ head[0] + head[1]
+  return decoding.generate(step, None, carry, logits, key, length, temperature=temperature)
+
+
+def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None):
+  cell, params, embed, head = _sampling_model(h, v, layers, matmul_dtype)
+  carry = [tuple(0.5 * jax.random.normal(jax.random.key(10 + i), (b, h), jnp.float32)
+                 for i in (2 * l, 2 * l + 1)) for l in range(layers)]
+  logits = jax.random.normal(jax.random.key(5), (b, v), jnp.float32)
+  key = jax.random.key(3)
+  want = jax.jit(_reference_sample, static_argnums=(0, 7, 8))(
+      cell, params, embed, head, carry, logits, key, t, temperature)
+  noise = decoding.gumbel_noise(key, (b, v), t, temperature=temperature)
+  got = jax.jit(native.lstm_sample, static_argnums=(6, 7))(
+      cell.project(params[0], embed), params, head, carry, logits, noise, temperature,
+      matmul_dtype)
+  return got, want
+
+
+@pytest.mark.parametrize("h,v,layers,b,t,temperature,matmul_dtype", [
+    (32, 11, 1, 3, 20, 1.0, None),           # one partition
+    (64, 65, 2, 5, 30, 0.7, None),           # two partitions, two layers
+    (64, 65, 2, 1, 30, 0.0, None),           # greedy, one row
+    pytest.param(96, 20, 3, 9, 12, 1.0, None,  # three layers, a row tile and one row more
+                 marks=pytest.mark.slow),  # (bfloat16 covers them in the default run)
+    pytest.param(96, 20, 3, 9, 12, 1.0, "bfloat16", marks=needs_bf16),
+    (64, 17, 1, 2, 0, 1.0, None),            # no tokens: the carry and logits pass through
+])
+def test_the_sampling_kernel_draws_what_generate_draws(h, v, layers, b, t, temperature,
+                                                       matmul_dtype):
+  (carry, logits, tokens), (want_carry, want_logits, want_tokens) = _sample_both(
+      h, v, layers, b, t, temperature, matmul_dtype)
+  assert tokens.shape == (b, t) and tokens.dtype == jnp.int32
+  np.testing.assert_array_equal(tokens, want_tokens)
+  if t and temperature:
+    assert len(np.unique(np.asarray(tokens))) > 2  # the draws vary
+  # bfloat16: now and then an operand rounds to the other neighbour (2-5e-4)
+  atol = 1e-3 if matmul_dtype else 2e-5
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=atol)
+  for got, want in zip(carry, want_carry):
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol)
+
+
+def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch):
+  cell, params, embed, head = _sampling_model(64, 30, 2)
+  carry = [cell.initial_carry((4,))] * 2
+  logits = jnp.zeros((4, 30), jnp.float32)
+  noise = decoding.gumbel_noise(jax.random.key(0), (4, 30), 25)
+  noise = noise.at[..., 7].set(-jnp.inf)  # a token that is never drawn
+  run = lambda: jax.jit(lambda *a: native.lstm_sample(*a))(
+      cell.project(params[0], embed), params, head, carry, logits, noise)
+  want = run()
+  monkeypatch.setattr(native, "threads", lambda: 1)
+  got = run()  # traced anew: one partition
+  assert not np.any(np.asarray(want[2]) == 7)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_the_sampling_kernel_refuses_arrays_that_do_not_agree():
+  cell, params, embed, head = _sampling_model(32, 11, 1)
+  carry = [cell.initial_carry((2,))]
+  noise = jnp.zeros((5, 2, 11), jnp.float32)
+  table = cell.project(params[0], embed)
+  with pytest.raises(Exception, match="do not agree on V, H and B"):
+    jax.block_until_ready(native.lstm_sample(table, params, (head[0][:, :-1], head[1]), carry,
+                                             jnp.zeros((2, 11), jnp.float32), noise))
+  bad = [dict(params[0], w_h=params[0]["w_h"][:16])]
+  with pytest.raises(Exception, match="layer 0's arrays do not match H"):
+    jax.block_until_ready(native.lstm_sample(table, bad, head, carry,
+                                             jnp.zeros((2, 11), jnp.float32), noise))
+
+
+def test_sampling_too_short_to_repay_the_pack_is_not_usable():
+  cell, params, embed, head = _sampling_model(64, 11, 1)
+  table, carry = cell.project(params[0], embed), [cell.initial_carry((1,))]
+  usable = lambda t, dtype=jnp.float32: native.sample_usable(
+      table, params, head, carry, jnp.zeros((t, 1, 11), dtype), None)
+  assert usable(64) and not usable(3)  # 4 steps at least
+  assert not usable(64, jnp.float64)
+  with native.disabled():
+    assert not usable(64)

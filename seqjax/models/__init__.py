@@ -14,7 +14,10 @@ loop never special-cases a model:
 A model that generates tokens also has ``decode_step(module) -> step(params,
 carry, tokens [B, P]) -> (carry, logits [B, V])`` (read P tokens, give the
 next one's logits) and ``vocabulary(info)``; ``seqjax sample`` needs both (see
-:mod:`seqjax.decoding`).
+:mod:`seqjax.decoding`). It may add ``generate(module, params, carry, logits,
+key, length, **settings)``: :func:`seqjax.decoding.generate` on its
+``decode_step``, the same tokens drawn faster (the char-LM's native sampler),
+which ``seqjax sample`` then calls instead.
 
 Adding a model is adding a module and a line in :data:`MODELS`.
 """

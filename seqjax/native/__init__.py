@@ -47,7 +47,8 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_forward": "SeqjaxGruForward",
             "seqjax_gru_forward_saving": "SeqjaxGruForwardSaving",
             "seqjax_gru_reverse": "SeqjaxGruReverse",
-            "seqjax_outer_sum": "SeqjaxOuterSum"}
+            "seqjax_outer_sum": "SeqjaxOuterSum",
+            "seqjax_lstm_sample": "SeqjaxLstmSample"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
@@ -216,6 +217,29 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   return partitions(h0.shape[-1]) is not None and _load() is None
 
 
+def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
+  """Whether :func:`lstm_sample` can run this call, and repays packing its weights.
+
+  As :func:`usable`, for sampling ``T`` tokens of ``B`` rows (``noise [T, B,
+  V]``): float32 arrays, a CPU backend, a hidden size the kernels split, the
+  kernels built, and ``T`` at least 4 with ``T B`` >= (the weights) / 2^15.
+  """
+  if getattr(_disabled, "on", False):
+    return False
+  arrays = (table, *head, noise, *(a for p in layers for a in p.values()),
+            *(a for c in carry for a in c))
+  if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
+    return False
+  if noise.ndim != 3 or jax.default_backend() != "cpu":
+    return False
+  steps, rows = noise.shape[:2]
+  weights = table.size + head[0].size + sum(p["w_h"].size + p["w_x"].size for p in layers[1:])
+  weights += layers[0]["w_h"].size
+  if steps < _MIN_STEPS or steps * rows * _WEIGHTS_PER_ROW_STEP < weights:
+    return False
+  return partitions(table.shape[-1] // 4) is not None and _load() is None
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters
 
 
@@ -274,10 +298,11 @@ def _flags(valid, resets):
           for m in (valid, resets)]
 
 
-def _call(target, shapes, parts, matmul_dtype, *args):
-  """Kernel ``target`` on ``args``: float32 outputs of these ``shapes``, the
-  work split in ``parts`` partitions (the recurrences' hidden units: see
-  :func:`partitions`), the matmuls' operands rounded to ``matmul_dtype``."""
+def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
+  """Kernel ``target`` on ``args``: outputs of these ``shapes`` (float32, or a
+  ``jax.ShapeDtypeStruct``), the work split in ``parts`` partitions (the
+  recurrences' hidden units: see :func:`partitions`), the matmuls' operands
+  rounded to ``matmul_dtype``; ``attributes``: the kernel's own."""
   why_not = _load()
   if why_not is not None:
     raise RuntimeError(f"seqjax.native: the kernels cannot run here: {why_not}")
@@ -285,9 +310,10 @@ def _call(target, shapes, parts, matmul_dtype, *args):
   if bf16 is None:
     raise ValueError(f"seqjax.native: matmul_dtype must be None, float32, or bfloat16 on a CPU "
                      f"with AVX512_BF16; got {matmul_dtype!r}")
-  out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  out = [s if isinstance(s, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(s, jnp.float32)
+         for s in shapes]
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      *args, partitions=np.int64(parts), bf16=bf16)
+      *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
 
 def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None):
@@ -367,5 +393,32 @@ def outer_sum(a, b, matmul_dtype=None):
   return z
 
 
+def lstm_sample(table, layers, head, carry, logits, noise, temperature=1.0, matmul_dtype=None):
+  """``(carry, logits, tokens)``: ``T`` tokens drawn from a stacked LSTM language
+  model, each fed back, in one kernel call (check :func:`sample_usable` first).
+
+  The model: a token's layer-0 input projection is its row of ``table [V,
+  4H]`` (the embedding times layer 0's ``w_x``, plus its ``b``: ``cell.project``
+  of the embedding); ``layers`` are the L LSTM cells' params (layer 0's
+  ``w_x`` and ``b`` are not read); ``head = (w [H, V], b [V])`` reads the last
+  layer's h out to the logits, in float32. ``carry`` is the L layers'
+  ``(h, c)``, each [B, H]; ``logits [B, V]`` are those the first token is drawn
+  from. Token t of row r is the first index of the largest ``logits / temperature
+  + noise[t, r]`` (``temperature`` 0: ``logits + noise``): with
+  :func:`seqjax.decoding.gumbel_noise` as ``noise``, the draws
+  :func:`seqjax.decoding.generate` makes. Returns the carry and logits after
+  the last token, and ``tokens [B, T]`` int32. ``matmul_dtype``: the cells'.
+  """
+  (time, batch, _), hidden = noise.shape, table.shape[-1] // 4
+  args = [a for p, (h, c) in zip(layers, carry) for a in (p["w_x"], p["w_h"], p["b"], h, c)]
+  shapes = [jax.ShapeDtypeStruct((batch, time), jnp.int32), logits.shape]
+  shapes += [(batch, hidden)] * (2 * len(layers))
+  tokens, logits, *states = _call(
+      "seqjax_lstm_sample", shapes, partitions(hidden), matmul_dtype, table, head[0], head[1],
+      logits, noise, *args, temperature=np.float32(temperature))
+  return [tuple(states[i:i + 2]) for i in range(0, len(states), 2)], logits, tokens
+
+
 __all__ = ["status", "usable", "disabled", "threads", "partitions", "reuse_freed_memory",
-           "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse", "outer_sum"]
+           "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse", "outer_sum",
+           "sample_usable", "lstm_sample"]

@@ -338,16 +338,17 @@ constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 
 // z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 units deep; K2 may be 0)
 // for M rows (<= kRows) and V panels of 16 columns (panel v of w at w + v S,
-// row k at + 16 k); rows of a and z are K and N apart. BF: the units are
+// row k at + 16 k); rows of a and z are K and N apart, rows of b ldb apart
+// (0: one bias row for all). BF: the units are
 // bfloat16 pairs. M and V are template arguments so the accumulators stay in
 // registers.
 template <bool BF, int M, int V>
 void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
-          long S, long N, const float* b, float* z) {
+          long S, long N, const float* b, long ldb, float* z) {
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(b + 16 * v);
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(b + i * ldb + 16 * v);
   auto rank1 = [&](const float* a, long lda, long K, const float* w) {
     for (long k = 0; k < K; ++k) {
       __m512 wk[V];
@@ -372,7 +373,7 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
 }
 
 using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
-                      long, const float*, float*);
+                      long, const float*, long, float*);
 template <bool BF, int V>
 constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2, V>,
                                     tile<BF, 3, V>,   tile<BF, 4, V>, tile<BF, 5, V>,
@@ -380,14 +381,15 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2
 
 // z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
 // units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
-// apart); N a multiple of 16, rows of z ldz apart. Column blocks outside, so
-// each block of w stays in cache across the row tiles. A tile sums k in order
-// whatever its shape, so the shapes are free: with few rows, more panels at a time keep 8 or more
-// accumulators in flight (the FMA latency), and one row (a matrix-vector
-// product) reads 8 panels.
+// apart); N a multiple of 16, rows of z ldz apart, rows of b ldb apart (0:
+// one bias row; b may be z itself, each tile reading its rows first). Column
+// blocks outside, so each block of w stays in cache across the row tiles. A
+// tile sums k in order whatever its shape, so the shapes are free: with few
+// rows, more panels at a time keep 8 or more accumulators in flight (the FMA
+// latency), and one row (a matrix-vector product) reads 8 panels.
 template <bool BF>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
-            const float* w2, long S, long N, const float* b, float* z, long ldz) {
+            const float* w2, long S, long N, const float* b, long ldb, float* z, long ldz) {
   const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
   for (long n0 = 0; n0 < N;) {
     long v = wide;
@@ -399,17 +401,20 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
                          : v == 4 ? kTiles<BF, 4>
                          : v == 2 ? kTiles<BF, 2>
                                   : kTiles<BF, 1>)[m];
-      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz, b + n0,
-           z + r0 * ldz + n0);
+      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz,
+           b + r0 * ldb + n0, ldb, z + r0 * ldz + n0);
     }
     n0 += 16 * v;
   }
 }
 
-// Rows of z N apart, unless ldz says otherwise.
+// Rows of z N apart, unless ldz says otherwise; one bias row b, unless ldb
+// gives the distance between rows of b.
 void matmul(bool bf16, long B, const float* a1, long K1, const float* w1, const float* a2,
-            long K2, const float* w2, long S, long N, const float* b, float* z, long ldz = 0) {
-  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, z, ldz ? ldz : N);
+            long K2, const float* w2, long S, long N, const float* b, float* z, long ldz = 0,
+            long ldb = 0) {
+  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, ldb, z,
+                                        ldz ? ldz : N);
 }
 
 // valid / resets flags, either of which may be absent.
@@ -957,6 +962,199 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   return ffi::Error::Success();
 }
 
+// Sampling from a stacked LSTM language model, every step in one call: the
+// tokens' embedding, the L layers, a linear read-out to V logits, and the
+// next token drawn and fed back. seqjax.models.charlm.generate's loop,
+// the same draws as seqjax.decoding.generate's: token = the first index of
+// the largest logits / temperature + noise, where noise [T, B, V] is the Gumbel
+// noise jax.random.categorical adds (zero for greedy decoding, temperature 0),
+// -inf where a token may not be drawn.
+//   table [V, 4H]: each token's layer-0 input projection (embedding w_x + b);
+//   w_o [H, V], b_o [V]: the read-out from the last layer's h (float32: the
+//   model's head does not take the cells' matmul_dtype);
+//   logits0 [B, V]: the logits the first token is drawn from;
+//   then per layer l: w_x [H, 4H] (layer 0's is not read), w_h [H, 4H],
+//   b [4H] (layer 0's is in the table), h0, c0 [B, H].
+// Results: tokens [B, T] int32, the logits after the last token [B, V], and
+// per layer h_T, c_T. A step is L + 1 phases, each ending at a barrier: the
+// layers in order (layer 0 draws the step's token first, each partition from
+// the same logits and noise, so no phase is spent sharing tokens), then the
+// read-out, its 16-column panels shared among the partitions.
+ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o,
+                          ffi::Buffer<ffi::F32> b_o, ffi::Buffer<ffi::F32> logits0,
+                          ffi::Buffer<ffi::F32> noise, ffi::RemainingArgs layer_args,
+                          ffi::ResultBuffer<ffi::S32> tokens_out,
+                          ffi::ResultBuffer<ffi::F32> logits_out, ffi::RemainingRets carry_out,
+                          int64_t partitions, bool bf16, float temperature) {
+  const auto td = table.dimensions(), od = w_o.dimensions(), nd = noise.dimensions();
+  const auto ld = logits0.dimensions();
+  const long L = static_cast<long>(layer_args.size() / 5);
+  if (td.size() != 2 || od.size() != 2 || nd.size() != 3 || ld.size() != 2 || L == 0 ||
+      layer_args.size() % 5 || carry_out.size() != static_cast<size_t>(2 * L)) {
+    return ffi::Error::InvalidArgument(
+        "seqjax lstm_sample: expected table [V,4H], w_o [H,V], logits [B,V], noise [T,B,V], "
+        "then w_x, w_h, b, h0, c0 for each layer, and h, c results for each");
+  }
+  const long V = td[0], H = td[1] / 4, T = nd[0], B = nd[1], P = partitions;
+  const long Hp = partition_units(H, P), N = 4 * Hp, Hu = units(H, bf16);
+  if (td[1] != 4 * H || od[0] != H || od[1] != V || static_cast<long>(b_o.element_count()) != V ||
+      nd[2] != V || ld[0] != B || ld[1] != V || Hp == 0) {
+    return ffi::Error::InvalidArgument(
+        "seqjax lstm_sample: table, read-out, logits and noise do not agree on V, H and B, "
+        "or H does not split in partitions");
+  }
+  if (bf16 && !kHaveBf16) return NoBf16("lstm_sample");
+  struct Layer {
+    const float *w_x, *w_h, *b;
+    float *h, *c;  // the results: h_T, and c updated in place
+  };
+  std::vector<Layer> layers(L);
+  std::vector<float> hbuf(L * 2 * B * H);  // each layer's h, two steps' worth
+  for (long l = 0; l < L; ++l) {
+    auto w_x = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l);
+    auto w_h = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 1);
+    auto b = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 2);
+    auto h0 = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 3);
+    auto c0 = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 4);
+    auto h = carry_out.get<ffi::Buffer<ffi::F32>>(2 * l);
+    auto c = carry_out.get<ffi::Buffer<ffi::F32>>(2 * l + 1);
+    if (!w_x || !w_h || !b || !h0 || !c0 || !h || !c) {
+      return ffi::Error::InvalidArgument("seqjax lstm_sample: a layer's arrays are not float32");
+    }
+    const long carry = B * H;
+    if (w_h->element_count() != static_cast<size_t>(4 * H * H) ||
+        (l > 0 && (w_x->element_count() != static_cast<size_t>(4 * H * H) ||
+                   b->element_count() != static_cast<size_t>(4 * H))) ||
+        static_cast<long>(h0->element_count()) != carry ||
+        static_cast<long>(c0->element_count()) != carry ||
+        static_cast<long>((*h)->element_count()) != carry ||
+        static_cast<long>((*c)->element_count()) != carry) {
+      return ffi::Error::InvalidArgument(
+          "seqjax lstm_sample: layer " + std::to_string(l) +
+          "'s arrays do not match H: expected w_x, w_h [H,4H], b [4H], h0, c0 [B,H]");
+    }
+    layers[l] = {w_x->typed_data(), w_h->typed_data(), b->typed_data(), (*h)->typed_data(),
+                 (*c)->typed_data()};
+    std::memcpy(hbuf.data() + l * 2 * B * H, h0->typed_data(), carry * sizeof(float));
+    std::memcpy(layers[l].c, c0->typed_data(), carry * sizeof(float));
+    if (T == 0) std::memcpy(layers[l].h, h0->typed_data(), carry * sizeof(float));
+  }
+
+  // Packed, per partition: each layer's panels (layer 0: w_h's; above it,
+  // w_x's over w_h's) and bias, then the table's columns [V, 4 Hp]. After all
+  // partitions, the read-out's panels [V16 / 16, H, 16] and bias [V16].
+  const long V16 = (V + 15) / 16 * 16, panels = V16 / 16;
+  std::vector<long> at(L + 1, 0);  // where each layer's panels start in a partition's block
+  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + N;
+  const long block = at[L] + V * N;
+  Scratch packed(P * block + panels * 16 * H + V16);
+  float* Wo = packed.data() + P * block;
+  float* Bo = Wo + panels * 16 * H;
+  auto share = [&](long n, long p) { return n * p / P; };  // p's read-out panels start here
+  std::vector<float> logits(B * V16), zbuf(P * B * N), pairs(bf16 ? P * B * 2 * Hu : 0);
+  std::vector<int32_t> drawn(P * B);  // each partition's copy of the step's tokens
+  for (long r = 0; r < B; ++r) {
+    std::memcpy(logits.data() + r * V16, logits0.typed_data() + r * V, V * sizeof(float));
+  }
+  const float* NOISE = noise.typed_data();
+  int32_t* TOKENS = tokens_out->typed_data();
+  const float scale = temperature > 0 ? temperature : 1.f;
+
+  auto pack = [&](long p) {
+    float* own = packed.data() + p * block;
+    for (long l = 0; l < L; ++l) {
+      float* to = own + at[l];
+      if (l == 0) {
+        pack_columns(layers[0].w_h, H, nullptr, 0, 4, H, Hp, p, bf16, to);
+      } else {
+        pack_columns(layers[l].w_x, H, layers[l].w_h, H, 4, H, Hp, p, bf16, to);
+        pack_bias(layers[l].b, 4, H, Hp, p, to + 2 * Hu * N);
+      }
+    }
+    for (long v = 0; v < V; ++v) pack_bias(table.typed_data() + v * 4 * H, 4, H, Hp, p,
+                                           own + at[L] + v * N);
+    for (long j = share(panels, p); j < share(panels, p + 1); ++j) {
+      const __mmask16 live = first_lanes(V - 16 * j);
+      const float* from = w_o.typed_data() + 16 * j;
+      panel(H, false, [&](long k) { return _mm512_maskz_loadu_ps(live, from + k * V); },
+            Wo + j * 16 * H);
+      _mm512_storeu_ps(Bo + 16 * j, _mm512_maskz_loadu_ps(live, b_o.typed_data() + 16 * j));
+    }
+  };
+
+  // Each row's token: the first largest logit / temperature + noise (NaN
+  // counting as largest, as jnp.argmax has it).
+  auto draw = [&](long t, int32_t* tokens) {
+    for (long r = 0; r < B; ++r) {
+      const float* lr = logits.data() + r * V16;
+      const float* nr = NOISE + (t * B + r) * V;
+      long best = 0;
+      float top = lr[0] / scale + nr[0];
+      for (long v = 1; v < V && top == top; ++v) {
+        const float s = lr[v] / scale + nr[v];
+        if (s > top || s != s) top = s, best = v;
+      }
+      tokens[r] = static_cast<int32_t>(best);
+    }
+  };
+
+  run_steps(T * (L + 1), P, pack, [&](long phase_step, long p) {
+    const long t = phase_step / (L + 1), l = phase_step % (L + 1);
+    const float* own = packed.data() + p * block;
+    if (l == L) {  // the read-out: this partition's panels of the logits
+      const float* h = hbuf.data() + (L - 1) * 2 * B * H + ((t + 1) & 1) * B * H;
+      const long first = share(panels, p), count = share(panels, p + 1) - first;
+      if (count) {
+        matmul(false, B, h, H, Wo + first * 16 * H, nullptr, 0, nullptr, 16 * H, 16 * count,
+               Bo + 16 * first, logits.data() + 16 * first, V16);
+      }
+      return;
+    }
+    float* z = zbuf.data() + p * B * N;
+    float* hb = hbuf.data() + l * 2 * B * H;
+    const float* hin = hb + (t & 1) * B * H;
+    float* hnext = hb + ((t + 1) & 1) * B * H;
+    float* pair = pairs.data() + p * B * 2 * Hu;
+    const float* w = own + at[l];
+    if (l == 0) {  // draw the token; its row of the table starts the sums
+      int32_t* tokens = drawn.data() + p * B;
+      draw(t, tokens);
+      for (long r = 0; r < B; ++r) {
+        std::memcpy(z + r * N, own + at[L] + tokens[r] * N, N * sizeof(float));
+        if (p == 0) TOKENS[r * T + t] = tokens[r];
+      }
+      const float* h_in = operand(bf16, B, hin, H, pair);
+      matmul(bf16, B, h_in, Hu, w, nullptr, 0, nullptr, 16 * Hu, N, z, z, N, N);
+    } else {  // the layer below's new h, then this layer's own
+      const float* below = hbuf.data() + (l - 1) * 2 * B * H + ((t + 1) & 1) * B * H;
+      const float* x = operand(bf16, B, below, H, pair);
+      const float* h_in = operand(bf16, B, hin, H, pair + B * Hu);
+      matmul(bf16, B, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, w + 2 * Hu * N, z);
+    }
+    float* C = layers[l].c;
+    for (long r = 0; r < B; ++r) {
+      const float* zr = z + r * N;
+      const long off = r * H + p * Hp;
+      for (long j = 0; j < Hp; j += 16) {
+        const __m512 i = sigmoid512(_mm512_loadu_ps(zr + j));
+        const __m512 f = sigmoid512(_mm512_loadu_ps(zr + Hp + j));
+        const __m512 g = tanh512(_mm512_loadu_ps(zr + 2 * Hp + j));
+        const __m512 o = sigmoid512(_mm512_loadu_ps(zr + 3 * Hp + j));
+        const __m512 c = _mm512_add_ps(_mm512_mul_ps(f, _mm512_loadu_ps(C + off + j)),
+                                       _mm512_mul_ps(i, g));
+        const __m512 h = _mm512_mul_ps(o, tanh512(c));
+        _mm512_storeu_ps(C + off + j, c);
+        _mm512_storeu_ps(hnext + off + j, h);
+        if (t + 1 == T) _mm512_storeu_ps(layers[l].h + off + j, h);
+      }
+    }
+  });
+  for (long r = 0; r < B; ++r) {
+    std::memcpy(logits_out->typed_data() + r * V, logits.data() + r * V16, V * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
 // The plain and the saving forward loops' shared arguments and first
 // results; the saving loops' handlers add their saves, then the attribute
 // (Attributes()).
@@ -1048,3 +1246,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
                                              .Arg<ffi::Buffer<ffi::F32>>()  // a
                                              .Arg<ffi::Buffer<ffi::F32>>()  // b
                                              .Ret<ffi::Buffer<ffi::F32>>()));  // a^T b
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmSample, LstmSampleImpl,
+                              Attributes(ffi::Ffi::Bind()
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // table
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // w_o
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // b_o
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // logits0
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // noise
+                                             .RemainingArgs()  // per layer: w_x, w_h, b, h0, c0
+                                             .Ret<ffi::Buffer<ffi::S32>>()  // tokens
+                                             .Ret<ffi::Buffer<ffi::F32>>()  // logits
+                                             .RemainingRets())  // per layer: h, c
+                                  .Attr<float>("temperature"));

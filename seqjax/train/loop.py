@@ -506,13 +506,18 @@ def sample(workdir, *, prompt: str = "\n", length: int = 500, temperature: float
   if missing:
     raise ValueError(f"the prompt has characters outside the model's vocabulary: "
                      f"{' '.join(repr(c) for c in missing)}")
-  step_fn = model_lib.decode_step(model_lib.create(trained.config.model, trained.info))
+  module = model_lib.create(trained.config.model, trained.info)
+  step_fn = model_lib.decode_step(module)
   params = jax.device_put(trained.params)
 
   prompt_ids = np.tile(vocab.encode(prompt)[None], (num_samples, 1))  # [N, P]
   carry, logits = jax.jit(step_fn)(params, None, prompt_ids)
-  draw = jax.jit(functools.partial(decoding.generate, step_fn, length=chunk,
-                                   temperature=temperature, top_k=top_k, top_p=top_p))
+  if hasattr(model_lib, "generate"):  # the model's own sampler: the same tokens, faster
+    generate = functools.partial(model_lib.generate, module)
+  else:
+    generate = functools.partial(decoding.generate, step_fn)
+  draw = jax.jit(functools.partial(generate, length=chunk, temperature=temperature, top_k=top_k,
+                                   top_p=top_p))
   key = jax.random.PRNGKey(seed)
   pieces, drawn = [], 0
   while drawn < length:

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from seqjax import decoding, native
 from seqjax.models import charlm
 
 INFO = {"vocab": "abcdefghijklmnopqrstuvwxyz"}   # V = 27 with the unknown id
@@ -165,3 +166,34 @@ def test_needs_a_vocabulary():
   with pytest.raises(ValueError, match="needs a text data source"):
     charlm.create(_config(), {})
   assert isinstance(charlm.default_config(), ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("overrides, settings, native_call", [
+    (dict(hidden_size=32), dict(temperature=0.8), True),
+    (dict(hidden_size=32, embed_size=32, tie_weights=True), dict(temperature=0.0), True),
+    (dict(hidden_size=32), dict(top_k=5), False),       # top-k: decoding.generate
+    (dict(hidden_size=32, cell="gru"), dict(), False),   # not an LSTM
+])
+def test_generate_draws_what_decoding_generate_draws(overrides, settings, native_call):
+  """The char-LM's own sampler, on the native kernel where it can, draws the
+  tokens decoding.generate draws from decode_step, and returns the same state."""
+  _, model, batch, variables = _setup(**overrides)
+  # float32, as without x64 (the tests enable it; the embedding would be float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), variables["params"])
+  step = charlm.decode_step(model)
+  carry, logits = step(params, None, batch["inputs"][:, :4])
+  key, length = jax.random.key(2), 40
+  ours = jax.jit(lambda c, l: charlm.generate(model, params, c, l, key, length, start=3,
+                                              **settings))
+  reference = jax.jit(lambda c, l: decoding.generate(step, params, c, l, key, length, start=3,
+                                                     **settings))
+  lowered = ours.lower(carry, logits).as_text()
+  assert ("seqjax_lstm_sample" in lowered) == (native_call and native.status() == "ready")
+  (got_carry, got_logits, got), (want_carry, want_logits, want) = ours(carry, logits), \
+      reference(carry, logits)
+  np.testing.assert_array_equal(got, want)
+  assert not np.any(np.asarray(got) == V - 1)  # the unknown character is never drawn
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(got_carry) == jax.tree.structure(want_carry)
+  for g, w in zip(jax.tree.leaves(got_carry), jax.tree.leaves(want_carry)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
