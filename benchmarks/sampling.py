@@ -4,20 +4,29 @@
     python benchmarks/sampling.py --quick --out /tmp/sampling.json
 
 The model is the char-LM's shape: a 65-symbol embedding, an LSTM with H=512,
-and a linear read-out to 65 logits. One jitted ``lax.scan`` draws 1000 tokens,
-feeding each sample back. Two samplers are compared:
+and a linear read-out to 65 logits. Each sampler draws 1000 tokens in one
+jitted call, feeding each sample back, position i drawing with
+``fold_in(key, i)`` as :func:`seqjax.decoding.generate` does:
 
-- ``plain``: embed the token, then ``cell.project`` (a [B, E] x [E, 4H] matmul)
-  and ``cell.step`` at every step;
+- ``plain``: a ``lax.scan`` that embeds the token, then ``cell.project`` (a
+  [B, E] x [E, 4H] matmul) and ``cell.step`` at every step;
 - ``table``: the embedding and the input projection folded into one
   [V, 4H] table before the loop (``embedding @ w_x + b``), so a step gathers
   a row instead of multiplying: one matmul fewer per token;
-- ``table_bf16``: ``table`` with the LSTM's ``matmul_dtype="bfloat16"``
-  (recurrent matmul operands in bfloat16, float32 accumulation).
+- ``native``: the table, and every step in one call of the native sampling
+  kernel (:func:`seqjax.native.lstm_sample`, as the char-LM's
+  ``charlm.generate`` calls it), the Gumbel noise drawn beforehand
+  (:func:`seqjax.decoding.gumbel_noise`, inside the timed call);
+- ``table_bf16``, ``native_bf16``: the same with the LSTM's
+  ``matmul_dtype="bfloat16"`` (recurrent matmul operands in bfloat16, float32
+  accumulation).
 
-``plain`` and ``table`` draw the same tokens from the same key (checked), so
-their difference is speed alone; ``table_bf16`` rounds, so its tokens drift
-from theirs (the fraction that agree is reported).
+All of them add the same noise, so ``plain``, ``table`` and ``native`` draw
+the same tokens unless two logits round the other way (the fraction of tokens
+equal to ``plain``'s is reported); the bfloat16 samplers round, so their
+tokens drift from plain's (``native_bf16`` is compared with ``table_bf16``).
+The process keeps the memory it frees (``native.reuse_freed_memory``) for
+every sampler alike.
 
 The bounds, measured in the same rounds: a float32 2048^3 XLA matmul gives
 the matmul peak, and each row reports its matmul GFLOP/s (the step's matmuls:
@@ -33,7 +42,7 @@ import common
 import jax
 import jax.numpy as jnp
 
-from seqjax import cells
+from seqjax import cells, decoding, native
 
 VOCAB, EMBED, HIDDEN, LENGTH = 65, 64, 512, 1000
 PEAK_N, QUICK_PEAK_N = 2048, 64
@@ -43,7 +52,7 @@ def cost_per_token(variant, hidden, vocab, embed):
   """(matmul FLOPs, weight bytes read) per sampled token."""
   recurrent, readout, projection = hidden * 4 * hidden, hidden * vocab, embed * 4 * hidden
   flops = 2 * (recurrent + readout + (projection if variant == "plain" else 0))
-  recurrent_bytes = 2 if variant == "table_bf16" else 4  # bf16 weights: 2 bytes each
+  recurrent_bytes = 2 if variant.endswith("bf16") else 4  # bf16 weights: 2 bytes each
   weight_bytes = (recurrent * recurrent_bytes + readout * 4
                   + (projection * 4 if variant == "plain" else 0))
   return flops, weight_bytes
@@ -62,21 +71,26 @@ def sampler(cell, variant, length, batch):
   """A jitted function (params, key) -> tokens [batch, length]."""
 
   def sample(params, key):
-    if variant == "table":  # fold embedding and input projection together once
-      table = cell.project(params["cell"], params["embed"])  # [V, 4H]
+    table = cell.project(params["cell"], params["embed"])  # [V, 4H]
+    start = cell.initial_carry((batch,))
+    logits = jnp.zeros((batch, params["out_b"].shape[0]), jnp.float32)
+    if variant.startswith("native"):
+      noise = decoding.gumbel_noise(key, logits.shape, length)
+      head = (params["out_w"], params["out_b"])
+      return native.lstm_sample(table, [params["cell"]], head, [start], logits, noise,
+                                matmul_dtype=cell.matmul_dtype)[2]
+    if variant.startswith("table"):  # fold embedding and input projection together once
       project = lambda tok: table[tok]
     else:
       project = lambda tok: cell.project(params["cell"], params["embed"][tok])
 
-    def step(state, key_t):
-      carry, tok = state
+    def step(state, position):
+      carry, logits = state
+      tok = jax.random.categorical(jax.random.fold_in(key, position), logits)
       carry, h = cell.step(params["cell"], carry, project(tok))
-      logits = h @ params["out_w"] + params["out_b"]  # [B, V]
-      tok = jax.random.categorical(key_t, logits)
-      return (carry, tok), tok
+      return (carry, h @ params["out_w"] + params["out_b"]), tok  # logits [B, V]
 
-    start = (cell.initial_carry((batch,)), jnp.zeros((batch,), jnp.int32))
-    _, toks = jax.lax.scan(step, start, jax.random.split(key, length))
+    _, toks = jax.lax.scan(step, (start, logits), jnp.arange(length))
     return toks.T
 
   return jax.jit(sample)
@@ -86,6 +100,8 @@ def main(argv=None):
   parser = common.arguments(__doc__.splitlines()[0], "sampling")
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args(argv)
+  reuse = native.reuse_freed_memory()
+  kernels = native.status() == "ready"
   if args.quick:
     hidden, length, batches, repeats = 16, 20, (1, 4), 2
   else:
@@ -95,12 +111,17 @@ def main(argv=None):
   results = []
   for batch in batches:
     tokens = {}
+    bf16_cell = cells.LSTM(hidden, matmul_dtype="bfloat16")
     fns = {v: sampler(cell, v, length, batch) for v in ("plain", "table")}
-    fns["table_bf16"] = sampler(cells.LSTM(hidden, matmul_dtype="bfloat16"), "table",
-                                length, batch)
+    fns["table_bf16"] = sampler(bf16_cell, "table_bf16", length, batch)
+    if kernels:
+      fns["native"] = sampler(cell, "native", length, batch)
+      if native._bf16("bfloat16"):
+        fns["native_bf16"] = sampler(bf16_cell, "native_bf16", length, batch)
     for variant, fn in fns.items():
       tokens[variant] = jax.block_until_ready(fn(params, jax.random.key(1)))
-    agree = {v: float(jnp.mean(tokens["plain"] == t)) for v, t in tokens.items()}
+    agree = {v: float(jnp.mean(tokens["table_bf16" if v == "native_bf16" else "plain"] == t))
+             for v, t in tokens.items()}
     runs = {v: lambda fn=fn: jax.block_until_ready(fn(params, jax.random.key(1)))
             for v, fn in fns.items()}
     runs["peak"] = common.matmul_peak_run(peak_n)
@@ -112,7 +133,7 @@ def main(argv=None):
       flops, weight_bytes = cost_per_token(variant, hidden, VOCAB, EMBED)
       row = dict(variant=variant, batch=batch, length=length, H=hidden,
                  vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
-                 same_tokens_as_plain=agree[variant],
+                 same_tokens=agree[variant],
                  gflops=common.spread([x * flops / 1e9 for x in tps]),
                  fraction_of_peak=common.spread([x * flops / p for x, p in zip(tps, peak)]),
                  weight_gb_per_s=common.spread([x * weight_bytes / 1e9 for x in tps]))
@@ -121,9 +142,10 @@ def main(argv=None):
             f"{row['fraction_of_peak']['median']:.0%} of the matmul peak "
             f"({common.median(peak) / 1e9:.0f} GFLOP/s), weights read at "
             f"{row['weight_gb_per_s']['median']:.0f} GB/s "
-            f"(same tokens as plain: {agree[variant]:.3f})", flush=True)
+            f"(same tokens: {agree[variant]:.3f})", flush=True)
   config = dict(H=hidden, vocab=VOCAB, embed=EMBED, length=length, batches=batches,
-                repeats=repeats, peak_matmul=peak_n)
+                repeats=repeats, peak_matmul=peak_n, seqjax_native=native.status(),
+                reuse_freed_memory=reuse)
   common.write(args.out, "sampling", config, results)
 
 
