@@ -235,4 +235,3 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
       return carry, logits.at[:, -1].set(-jnp.inf), tokens
   return decoding.generate(decode_step(module), params, carry, logits, key, length, start=start,
                            temperature=temperature, top_k=top_k, top_p=top_p)
-

@@ -9,7 +9,8 @@ in float32 on CPU: each cell's forward loop, saving what its backward pass
 reads when a gradient is taken, and its backward pass's reverse loop. A cell
 with ``matmul_dtype="bfloat16"`` runs them too where the CPU has AVX512_BF16:
 the matmul operands rounded to bfloat16 as the XLA path rounds them, the
-products summed in float32.
+products summed in float32. :func:`lstm_sample` draws a stacked LSTM language
+model's tokens, every step in one call (the char-LM's sampler).
 
 The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time they are needed, and cached

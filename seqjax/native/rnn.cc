@@ -9,7 +9,8 @@
 //
 // Semantics: seqjax.fused's loops. The forward loops (LSTM, GRU), optionally
 // saving what the backward pass reads, and the backward passes' reverse
-// loops. valid and resets are [T, B] uint8, or empty when absent: a reset
+// loops; and the sampling loop of a stacked LSTM language model
+// (LstmSampleImpl). valid and resets are [T, B] uint8, or empty when absent: a reset
 // zeroes the carry before its step; an invalid step holds the carry and emits
 // zeros. Weights arrive as the cells hold them, and the partition count P as
 // an attribute (Hp = H / P units each, a multiple of 16), and with it `bf16`:
@@ -339,9 +340,8 @@ constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 // z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 units deep; K2 may be 0)
 // for M rows (<= kRows) and V panels of 16 columns (panel v of w at w + v S,
 // row k at + 16 k); rows of a and z are K and N apart, rows of b ldb apart
-// (0: one bias row for all). BF: the units are
-// bfloat16 pairs. M and V are template arguments so the accumulators stay in
-// registers.
+// (0: one bias row for all). BF: the units are bfloat16 pairs. M and V are
+// template arguments so the accumulators stay in registers.
 template <bool BF, int M, int V>
 void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
           long S, long N, const float* b, long ldb, float* z) {
