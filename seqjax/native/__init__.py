@@ -203,19 +203,11 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   weights (at least ``_MIN_STEPS``, 4, steps, and
   T B >= weights / 2^15), the kernels built, and not inside :func:`disabled`.
   """
-  if getattr(_disabled, "on", False):
-    return False
-  arrays = (*params.values(), xs, *carry)
-  if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
-    return False
   h0 = carry[0]
-  if xs.ndim != 3 or h0.ndim != 2 or jax.default_backend() != "cpu":
+  if xs.ndim != 3 or h0.ndim != 2:
     return False
-  steps, rows = xs.shape[:2]
-  weights = sum(a.size for a in params.values())
-  if steps < _MIN_STEPS or steps * rows * _WEIGHTS_PER_ROW_STEP < weights:
-    return False
-  return partitions(h0.shape[-1]) is not None and _load() is None
+  return _runs((*params.values(), xs, *carry), matmul_dtype, *xs.shape[:2],
+               sum(a.size for a in params.values()), h0.shape[-1])
 
 
 def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
@@ -225,20 +217,29 @@ def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
   V]``): float32 arrays, a CPU backend, a hidden size the kernels split, the
   kernels built, and ``T`` at least 4 with ``T B`` >= (the weights) / 2^15.
   """
-  if getattr(_disabled, "on", False):
+  if noise.ndim != 3:
     return False
   arrays = (table, *head, noise, *(a for p in layers for a in p.values()),
             *(a for c in carry for a in c))
-  if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
-    return False
-  if noise.ndim != 3 or jax.default_backend() != "cpu":
-    return False
-  steps, rows = noise.shape[:2]
   weights = table.size + head[0].size + sum(p["w_h"].size + p["w_x"].size for p in layers[1:])
   weights += layers[0]["w_h"].size
+  return _runs(arrays, matmul_dtype, *noise.shape[:2], weights, table.shape[-1] // 4)
+
+
+def _runs(arrays, matmul_dtype, steps, rows, weights, hidden) -> bool:
+  """:func:`usable`'s and :func:`sample_usable`'s shared rule: ``arrays`` all
+  float32, ``matmul_dtype`` one the kernels run, a CPU backend, ``steps`` x
+  ``rows`` enough to repay packing ``weights`` floats, ``hidden`` units the
+  kernels split, the kernels built, and not inside :func:`disabled`."""
+  if getattr(_disabled, "on", False):
+    return False
+  if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
+    return False
+  if jax.default_backend() != "cpu":
+    return False
   if steps < _MIN_STEPS or steps * rows * _WEIGHTS_PER_ROW_STEP < weights:
     return False
-  return partitions(table.shape[-1] // 4) is not None and _load() is None
+  return partitions(hidden) is not None and _load() is None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters

@@ -458,6 +458,18 @@ void run_steps(long T, long P, const Pack& pack, const Step& step) {
 // The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
 // partition, a barrier, then carry(t, p) (which reads every partition's
 // gates), and a barrier.
+// An LSTM step's gates for 16 units, from their pre-activations z (the four
+// gate blocks i, f, g, o, stride apart), and the new cell c = f c_prev + i g.
+struct LstmGates {
+  __m512 i, f, g, o, c;
+  LstmGates(const float* z, long stride, __m512 c_prev)
+      : i(sigmoid512(_mm512_loadu_ps(z))),
+        f(sigmoid512(_mm512_loadu_ps(z + stride))),
+        g(tanh512(_mm512_loadu_ps(z + 2 * stride))),
+        o(sigmoid512(_mm512_loadu_ps(z + 3 * stride))),
+        c(_mm512_add_ps(_mm512_mul_ps(f, c_prev), _mm512_mul_ps(i, g))) {}
+};
+
 template <class Pack, class Gates, class Carry>
 void run_reverse_steps(long T, long P, const Pack& pack, const Gates& gates, const Carry& carry) {
   run_steps(2 * T, P, pack, [&](long phase_step, long p) {
@@ -556,12 +568,9 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         __m512 factors[4] = {y, y, y, y}, k = y, fs = y;
         if (saves) save(saves[0] + at + j, h);
         if (live) {
-          const __m512 i = sigmoid512(_mm512_loadu_ps(zr + j));
-          const __m512 f = sigmoid512(_mm512_loadu_ps(zr + Hp + j));
-          const __m512 g = tanh512(_mm512_loadu_ps(zr + 2 * Hp + j));
-          const __m512 o = sigmoid512(_mm512_loadu_ps(zr + 3 * Hp + j));
-          const __m512 c_prev = c;
-          c = _mm512_add_ps(_mm512_mul_ps(f, c), _mm512_mul_ps(i, g));
+          const LstmGates s(zr + j, Hp, c);
+          const __m512 i = s.i, f = s.f, g = s.g, o = s.o, c_prev = c;
+          c = s.c;
           const __m512 tc = tanh512(c);
           h = y = _mm512_mul_ps(o, tc);
           if (saves) {
@@ -1136,14 +1145,9 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
       const float* zr = z + r * N;
       const long off = r * H + p * Hp;
       for (long j = 0; j < Hp; j += 16) {
-        const __m512 i = sigmoid512(_mm512_loadu_ps(zr + j));
-        const __m512 f = sigmoid512(_mm512_loadu_ps(zr + Hp + j));
-        const __m512 g = tanh512(_mm512_loadu_ps(zr + 2 * Hp + j));
-        const __m512 o = sigmoid512(_mm512_loadu_ps(zr + 3 * Hp + j));
-        const __m512 c = _mm512_add_ps(_mm512_mul_ps(f, _mm512_loadu_ps(C + off + j)),
-                                       _mm512_mul_ps(i, g));
-        const __m512 h = _mm512_mul_ps(o, tanh512(c));
-        _mm512_storeu_ps(C + off + j, c);
+        const LstmGates s(zr + j, Hp, _mm512_loadu_ps(C + off + j));
+        const __m512 h = _mm512_mul_ps(s.o, tanh512(s.c));
+        _mm512_storeu_ps(C + off + j, s.c);
         _mm512_storeu_ps(hnext + off + j, h);
         if (t + 1 == T) _mm512_storeu_ps(layers[l].h + off + j, h);
       }
