@@ -65,8 +65,18 @@ MODES = ("train", "infer")
 LR = 0.01
 PEAK_N, QUICK_PEAK_N = 2048, 64  # the peak matmul's size: N x N times N x N
 GATES = {"lstm": 4, "gru": 3}
-BACKEND = jax.default_backend()  # "cpu", "gpu" or "tpu"
-NAME = "peers" if BACKEND == "cpu" else f"peers_{BACKEND}"  # its JSON and README table
+
+
+def backend() -> str:
+  """JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"``. Asked when needed,
+  not at import: asking starts XLA's threads, and :func:`main` first calls
+  :func:`seqjax.native.reuse_freed_memory`, which must come before them."""
+  return jax.default_backend()
+
+
+def results_name() -> str:
+  """The results' name, its JSON's and README table's: ``peers``, or ``peers_gpu``."""
+  return "peers" if backend() == "cpu" else f"peers_{backend()}"
 
 
 def flops_per_token(cell_name, size, mode):
@@ -123,7 +133,7 @@ def flax_contender(cell_name, size, mode):
 
 def torch_device() -> str:
   """``"cuda"`` where JAX runs on a GPU (torch beside it on the same card), else ``"cpu"``."""
-  return "cuda" if BACKEND == "gpu" else "cpu"
+  return "cuda" if backend() == "gpu" else "cpu"
 
 
 def torch_module(cell_name, size):
@@ -222,9 +232,9 @@ CONTENDERS = {"seqjax": seqjax_contender, "seqjax_xla": seqjax_xla_contender,
 
 def unavailable(name) -> str | None:
   """Why contender ``name`` cannot run here, or ``None`` if it can."""
-  if name == "cudnn" and BACKEND != "gpu":
+  if name == "cudnn" and backend() != "gpu":
     return (f"cudnn needs a GPU: jax.experimental.rnn.lstm lowers only for CUDA and ROCm, "
-            f"and JAX's backend here is {BACKEND}")
+            f"and JAX's backend here is {backend()}")
   if name == "cudnn" and importlib.util.find_spec("jax.experimental.rnn") is None:
     return f"cudnn needs jax.experimental.rnn, which JAX {jax.__version__} does not have"
   if name in ("torch", "flax", "keras") and importlib.util.find_spec(name) is None:
@@ -293,7 +303,10 @@ def markdown(results) -> str:
 
 
 def main(argv=None):
-  parser = common.arguments(__doc__.splitlines()[0], NAME)
+  # Before XLA's threads start (reuse_freed_memory's docstring); every
+  # contender runs in this process, so all of them get the reuse.
+  reuse = native.reuse_freed_memory()
+  parser = common.arguments(__doc__.splitlines()[0], results_name())
   parser.add_argument("--contenders", default=None,
                       help=f"comma-separated of {','.join(CONTENDERS)} (default: all that can "
                            "run here)")
@@ -305,7 +318,7 @@ def main(argv=None):
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    common.table_from(args.table_from, NAME, markdown)
+    common.table_from(args.table_from, results_name(), markdown)
     return
   if args.contenders is None:
     contenders = [name for name in CONTENDERS if unavailable(name) is None]
@@ -317,8 +330,6 @@ def main(argv=None):
       reason = unavailable(name)
       if reason:
         parser.error(reason)
-  # Every contender runs in this process, so all of them get the reuse.
-  reuse = native.reuse_freed_memory()
   sizes = QUICK_SIZES if args.quick else SIZES
   if args.sizes:
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
@@ -337,10 +348,10 @@ def main(argv=None):
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
               f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
-                peak_matmul=peak_n, backend=BACKEND, precision=_precision(contenders),
+                peak_matmul=peak_n, backend=backend(), precision=_precision(contenders),
                 seqjax_native=native.status(), reuse_freed_memory=reuse)
-  common.write(args.out, NAME, config, results)
-  print(common.readme_table(NAME, markdown, results, update=args.update_readme))
+  common.write(args.out, results_name(), config, results)
+  print(common.readme_table(results_name(), markdown, results, update=args.update_readme))
 
 
 def _precision(contenders) -> dict:

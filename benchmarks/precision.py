@@ -105,6 +105,7 @@ def markdown(results) -> str:
 
 
 def main(argv=None):
+  reuse = native.reuse_freed_memory()  # as in peers.py: first, for every contender
   parser = common.arguments(__doc__.splitlines()[0], "precision")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3)
@@ -113,7 +114,6 @@ def main(argv=None):
   if args.table_from:
     common.table_from(args.table_from, "precision", markdown)
     return
-  reuse = native.reuse_freed_memory()  # as in peers.py: for every contender
   sizes = peers.QUICK_SIZES if args.quick else peers.SIZES
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   results = []

@@ -97,10 +97,10 @@ def sampler(cell, variant, length, batch):
 
 
 def main(argv=None):
+  reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "sampling")
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args(argv)
-  reuse = native.reuse_freed_memory()
   kernels = native.status() == "ready"
   if args.quick:
     hidden, length, batches, repeats = 16, 20, (1, 4), 2

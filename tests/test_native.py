@@ -575,6 +575,40 @@ def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
   assert default > 1_000 and kept < default / 10, (default, kept)
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
+  """A jitted function whose temporaries are one 65 MB block: glibc maps a
+  block that size afresh on every call in an XLA thread's own heap (at most
+  64 MB), so it faults 16k pages in a call; with reuse_freed_memory() called
+  before the first JAX computation every thread allocates from the one heap,
+  and after a few calls none are faulted in. Fresh processes, one each way."""
+  code = textwrap.dedent("""
+      import resource, sys
+      from seqjax import native
+      if sys.argv[1] == "reuse":
+        assert native.reuse_freed_memory()
+      import jax, jax.numpy as jnp
+
+      f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)[:, :64]).sum())
+      x = jnp.ones((4096, 4096), jnp.float32)
+      assert f.lower(x).compile().memory_analysis().temp_size_in_bytes > 64 << 20
+
+      def faults_per_call():
+        jax.block_until_ready(f(x))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+          jax.block_until_ready(f(x))
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
+
+      print(min(faults_per_call() for _ in range(4)))
+  """)
+  faults = {}
+  for mode in ("default", "reuse"):
+    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1])
+    faults[mode] = int(out.stdout)
+  assert faults["default"] > 10_000 and faults["reuse"] < faults["default"] / 100, faults
+
 def _sampling_model(h, v, layers, matmul_dtype=None, seed=0):
   """``(cell, layers, embed, head)``: a stacked LSTM language model, a peaked
   read-out (so the draws vary and are not near ties)."""

@@ -242,7 +242,7 @@ def _runs(arrays, matmul_dtype, steps, rows, weights, hidden) -> bool:
   return partitions(hidden) is not None and _load() is None
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt() parameters
 
 
 def reuse_freed_memory() -> bool:
@@ -256,9 +256,18 @@ def reuse_freed_memory() -> bool:
   step at B = 32, T = 128, D = H = 256 took 16-22k page faults (68-90 MB),
   35-48 % of the step (benchmarks/README.md). After this call freed memory
   stays in the heap and the next call reuses it: the process keeps its peak
-  memory instead of returning it. ``seqjax train``, ``benchmarks/peers.py``
-  and ``benchmarks/precision.py`` call it; call it at the start of a long CPU
-  training job.
+  memory instead of returning it.
+
+  It also sends every thread's allocations to the one heap. glibc otherwise
+  gives each new thread that allocates a heap of its own, at most 64 MB, and
+  maps a larger block there afresh on every call whatever the settings
+  above: XLA's threads allocate a call's temporaries as one block, 104 MB
+  for an LSTM training step at B = 16, T = 1024, D = H = 128, which then
+  took 41k page faults a step (130 against 69-82 ms without them). A thread
+  keeps the heap it first took, so call this before the process's first
+  JAX computation (which starts XLA's threads), and before other libraries
+  start threads of their own. ``seqjax train`` and the benchmark scripts do;
+  call it first in a long CPU training job.
 
   Returns:
     True if applied; False where the C library is not glibc (nothing changes).
@@ -267,8 +276,9 @@ def reuse_freed_memory() -> bool:
     return False
   import ctypes  # noqa: PLC0415
   libc = ctypes.CDLL(None)
-  return (libc.mallopt(_M_MMAP_MAX, 0) == 1  # every block from the heap, none mapped alone
-          and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # and the heap never trimmed
+  return (libc.mallopt(_M_ARENA_MAX, 1) == 1  # every thread on the one heap
+          and libc.mallopt(_M_MMAP_MAX, 0) == 1  # every block from it, none mapped alone
+          and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # and it is never trimmed
 
 
 _disabled = threading.local()
