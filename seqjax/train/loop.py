@@ -466,13 +466,17 @@ def evaluate(workdir, *, step: int | None = None, checkpoint: str = "latest",
 
 def sample(workdir, *, prompt: str = "\n", length: int = 500, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-           step: int | None = None, checkpoint: str = "latest", chunk: int = 64,
+           step: int | None = None, checkpoint: str = "latest", chunk: int = 512,
            write=None, log=_stderr) -> list[str]:
   """Text from a trained model that generates (see :mod:`seqjax.models`).
 
-  The model reads the prompt, then a jitted ``lax.scan`` (:mod:`seqjax.decoding`)
-  draws ``length`` characters, each fed back, ``chunk`` at a time so that text
-  can be shown as it comes. The same seed gives the same text.
+  The model reads the prompt, then a jitted ``lax.scan`` (:mod:`seqjax.decoding`),
+  or the model's own ``generate``, draws ``length`` characters, each fed back,
+  ``chunk`` at a time so that text can be shown as it comes. The same seed
+  gives the same text, whatever the chunk. Each chunk is a call, and a call
+  pays a fixed cost (the native sampler packs its weights for it): on the
+  2 x 512 LSTM char-LM (bfloat16 matmuls, 2 CPU cores), chunks of 64 drew
+  4.4-5.0k characters a second, of 512 15-17k.
 
   Args:
     workdir, step, checkpoint: which trained model (see :func:`load_trained`).
