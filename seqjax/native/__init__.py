@@ -276,9 +276,32 @@ def reuse_freed_memory() -> bool:
     return False
   import ctypes  # noqa: PLC0415
   libc = ctypes.CDLL(None)
-  return (libc.mallopt(_M_ARENA_MAX, 1) == 1  # every thread on the one heap
+  heaps = _heaps(libc)
+  if heaps > 1:
+    warnings.warn(f"seqjax.native.reuse_freed_memory() was called after threads took {heaps - 1} "
+                  "heaps of their own (glibc's arenas), which they keep: call it before the "
+                  "first JAX computation, or blocks above 64 MB stay faulted in on every call",
+                  RuntimeWarning, stacklevel=2)
+  return (libc.mallopt(_M_ARENA_MAX, 1) == 1  # every new thread on the one heap
           and libc.mallopt(_M_MMAP_MAX, 0) == 1  # every block from it, none mapped alone
           and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # and it is never trimmed
+
+
+def _heaps(libc) -> int:
+  """How many heaps (arenas) glibc's malloc has in this process: 1, the main
+  one, until threads that allocate take their own (``malloc_info``'s count)."""
+  import ctypes  # noqa: PLC0415
+  libc.fopen.restype = ctypes.c_void_p
+  libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+  libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  libc.fclose.argtypes = [ctypes.c_void_p]
+  with tempfile.NamedTemporaryFile("r", suffix=".xml") as report:
+    stream = libc.fopen(report.name.encode(), b"w")
+    if not stream:
+      return 1
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    return max(1, report.read().count("<heap nr="))
 
 
 _disabled = threading.local()
