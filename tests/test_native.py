@@ -621,6 +621,7 @@ def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
       faults[mode] = int(out.stdout)
   assert faults["default"] > 10_000 and faults["reuse"] < faults["default"] / 100, faults
 
+
 def _sampling_model(h, v, layers, matmul_dtype=None, seed=0):
   """``(cell, layers, embed, head)``: a stacked LSTM language model, a peaked
   read-out (so the draws vary and are not near ties)."""

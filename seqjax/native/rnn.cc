@@ -455,9 +455,6 @@ void run_steps(long T, long P, const Pack& pack, const Step& step) {
   }
 }
 
-// The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
-// partition, a barrier, then carry(t, p) (which reads every partition's
-// gates), and a barrier.
 // An LSTM step's gates for 16 units, from their pre-activations z (the four
 // gate blocks i, f, g, o, stride apart), and the new cell c = f c_prev + i g.
 struct LstmGates {
@@ -470,6 +467,9 @@ struct LstmGates {
         c(_mm512_add_ps(_mm512_mul_ps(f, c_prev), _mm512_mul_ps(i, g))) {}
 };
 
+// The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
+// partition, a barrier, then carry(t, p) (which reads every partition's
+// gates), and a barrier.
 template <class Pack, class Gates, class Carry>
 void run_reverse_steps(long T, long P, const Pack& pack, const Gates& gates, const Carry& carry) {
   run_steps(2 * T, P, pack, [&](long phase_step, long p) {
