@@ -542,6 +542,17 @@ def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
     assert lowers_a_kernel(params, xs, *carry) == want, (b, t, d, h)
 
 
+# Page faults per call of a jitted f(x), in the scripts below (fresh processes).
+_FAULTS_PER_CALL = """
+def faults_per_call():
+  jax.block_until_ready(f(x))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(3):
+    jax.block_until_ready(f(x))
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
   """A jitted function with 4 MB intermediates: by default each call faults
@@ -555,14 +566,7 @@ def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
 
       f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) @ x, axis=0) @ x)
       x = jnp.ones((1024, 1024), jnp.float32)
-
-      def faults_per_call():
-        jax.block_until_ready(f(x))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-          jax.block_until_ready(f(x))
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
-
+  """) + _FAULTS_PER_CALL + textwrap.dedent("""
       default = max(faults_per_call() for _ in range(3))
       assert native.reuse_freed_memory()
       # XLA's threads allocate from several of glibc's arenas, each of
@@ -602,14 +606,7 @@ def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
       f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)[:, :64]).sum())
       x = jnp.ones((4096, 4096), jnp.float32)
       assert f.lower(x).compile().memory_analysis().temp_size_in_bytes > 64 << 20
-
-      def faults_per_call():
-        jax.block_until_ready(f(x))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-          jax.block_until_ready(f(x))
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
-
+  """) + _FAULTS_PER_CALL + textwrap.dedent("""
       print(min(faults_per_call() for _ in range(4)))
   """)
   faults = {}
