@@ -607,7 +607,9 @@ def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
       x = jnp.ones((4096, 4096), jnp.float32)
       assert f.lower(x).compile().memory_analysis().temp_size_in_bytes > 64 << 20
   """) + _FAULTS_PER_CALL + textwrap.dedent("""
-      print(min(faults_per_call() for _ in range(4)))
+      # The heap grows over the first few calls (it settled by the 3rd or 4th
+      # of these in trials), then holds: the lowest of 6.
+      print(min(faults_per_call() for _ in range(6)))
   """)
   faults = {}
   for mode in ("default", "reuse", "late"):
