@@ -222,7 +222,7 @@ def run(argv) -> int:
 
   if args.command == "train":
     from seqjax import native  # noqa: PLC0415
-    native.reuse_freed_memory()  # XLA:CPU's per-call buffers: no page faults every step
+    native.reuse_freed_memory()  # first, before XLA's threads start: no page faults every step
     config = load_config(args.experiment, overrides, quick=args.quick)
     workdir = _writable_workdir(args.workdir)
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
