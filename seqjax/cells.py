@@ -24,8 +24,11 @@ Every cell takes ``matmul_dtype``: ``None`` (default) multiplies in the
 parameters' dtype; ``"bfloat16"`` rounds the operands of every matmul (input
 projection, recurrent product, and in the fused backward pass the gradient
 products) to bfloat16 and accumulates in the parameters' dtype, the mixed
-precision of bfloat16 matmul units. Parameters, carries and gate arithmetic
-keep their dtype.
+precision of bfloat16 matmul units. ``"int8"`` quantizes each matmul's rows
+of activations and columns of weights to int8 and sums the products exactly
+(:func:`seqjax.fused.int8_matmul`): for inference, such as sampling a model
+trained in float32 (a gradient through it raises). Parameters, carries and
+gate arithmetic keep their dtype.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _orthogonal_blocks(key, hidden: int, num_blocks: int) -> Array:
   return jnp.concatenate([init(k, (hidden, hidden)) for k in keys], axis=1)
 
 
-_MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64")
+_MATMUL_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8")
 
 
 def _is_positive_int(value) -> bool:

@@ -34,6 +34,8 @@ XLA code here.
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
 dtype; the gate arithmetic and the carry stay in the parameters' dtype.
+``"int8"`` quantizes them instead (:func:`int8_matmul`), for inference only:
+a gradient through it raises.
 
 Notes:
   Being ``jax.custom_vjp`` functions, they support reverse mode (``grad``,
@@ -58,12 +60,55 @@ def matmul(a, w, dtype=None, out_dtype=None):
   """``a @ w``; with ``dtype`` the operands are rounded to it first.
 
   The products accumulate in ``out_dtype`` (default: the dtype ``a @ w``
-  would have), as bfloat16 matmul units do with float32 accumulators.
+  would have), as bfloat16 matmul units do with float32 accumulators;
+  ``dtype`` int8: :func:`int8_matmul`.
   """
   if dtype is None:
     return a @ w
   out_dtype = out_dtype or jnp.result_type(a, w)
+  if jnp.dtype(dtype) == jnp.int8:
+    return int8_matmul(a, w).astype(out_dtype)
   return jnp.matmul(a.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
+
+
+INT8_NO_GRADIENT = ("matmul_dtype='int8' is for inference: its rounding has no gradient; "
+                    "train with float32 or bfloat16 matmuls and sample with int8")
+
+
+def _int8_scales(x, axis):
+  """Scales putting ``x``'s largest magnitude along ``axis`` at 127 (1 where it is 0)."""
+  top = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  return jnp.where(top > 0, top / 127, jnp.ones_like(top))
+
+
+@jax.custom_vjp
+def int8_matmul(a, w):
+  """``a [..., K] @ w [K, N]`` in int8: each row of ``a`` and each column of
+  ``w`` scaled so its largest magnitude is 127 and rounded (half to even) to
+  integers, the integer products summed exactly (int32), then scaled back:
+
+      s_a = max_k |a_k| / 127,  s_w = max_k |w_kn| / 127   (1 for all-zero)
+      a @ w ~ (round(a / s_a) @ round(w / s_w)) * (s_a * s_w)
+
+  :func:`seqjax.native.lstm_sample` computes exactly this on AVX512_VNNI.
+  Inference only: a gradient through it raises ``ValueError``.
+  """
+  s_a, s_w = _int8_scales(a, -1), _int8_scales(w, 0)
+  a_q = jnp.round(a / s_a).astype(jnp.int8)
+  w_q = jnp.round(w / s_w).astype(jnp.int8)
+  sums = jnp.matmul(a_q, w_q, preferred_element_type=jnp.int32)
+  return sums.astype(jnp.result_type(a, w)) * (s_a * s_w)
+
+
+def _int8_fwd(a, w):
+  return int8_matmul(a, w), None
+
+
+def _int8_bwd(_, g):
+  raise ValueError(INT8_NO_GRADIENT)
+
+
+int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
 def _outer_sum(a, b, dtype, out_dtype, use_kernel=False):
@@ -127,7 +172,7 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool, matmul_dtype):
   w_x, w_h, b = params["w_x"], params["w_h"], params["b"]
   hidden = w_h.shape[0]
   out = jnp.result_type(xs, w_x, w_h, b, h0)
-  if matmul_dtype is not None:  # rounded once, outside the loop
+  if matmul_dtype not in (None, "int8"):  # rounded once, outside the loop
     w_x, w_h = w_x.astype(matmul_dtype), w_h.astype(matmul_dtype)
   mm = lambda a, w: matmul(a, w, matmul_dtype, out)
 
@@ -220,6 +265,8 @@ def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype)
 
 
 def _lstm_bwd(matmul_dtype, residuals, cotangents):
+  if matmul_dtype == "int8":
+    raise ValueError(INT8_NO_GRADIENT)
   params, xs, valid, resets, (hs, ps, ks, fs) = residuals
   dh_t, dc_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]
@@ -252,7 +299,7 @@ def _gru_forward(params, xs, h0, valid, resets, save: bool, matmul_dtype):
   w_x, w_h, b, b_hn = params["w_x"], params["w_h"], params["b"], params["b_hn"]
   hidden = w_h.shape[0]
   out = jnp.result_type(xs, w_x, w_h, b, h0)
-  if matmul_dtype is not None:  # rounded once, outside the loop
+  if matmul_dtype not in (None, "int8"):  # rounded once, outside the loop
     w_x, w_h = w_x.astype(matmul_dtype), w_h.astype(matmul_dtype)
   mm = lambda a, w: matmul(a, w, matmul_dtype, out)
 
@@ -331,6 +378,8 @@ def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype):
 
 
 def _gru_bwd(matmul_dtype, residuals, cotangents):
+  if matmul_dtype == "int8":
+    raise ValueError(INT8_NO_GRADIENT)
   params, xs, valid, resets, (hs, px, ph, zs) = residuals
   dh_t, dys = cotangents
   w_x, w_h = params["w_x"], params["w_h"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import cells
+from seqjax import cells, fused, native
 
 
 FUSED = [cells.LSTM(5), cells.GRU(5)]
@@ -115,11 +115,57 @@ def test_bfloat16_matmuls_stay_close_to_float32_on_every_path(make):
   assert "bf16[" not in str(jax.make_jaxpr(jax.grad(loss(exact, 1)))(params, xs))
 
 
+def test_int8_matmul_is_the_stated_quantization():
+  a = jax.random.normal(jax.random.key(0), (5, 40), jnp.float32).at[3].set(0.0)
+  w = jax.random.normal(jax.random.key(1), (40, 24), jnp.float32).at[:, 7].set(0.0)
+  # Row 0's largest is 127, so its scale is 1 and 2.5 is halfway: it rounds to even.
+  a = a.at[0, :3].set(jnp.array([2.5, -2.5, 127.0], jnp.float32))
+  got = fused.int8_matmul(a, w)
+  # The docstring's formula in NumPy, float32 throughout, the sums exact.
+  a_, w_ = np.asarray(a), np.asarray(w)
+  top_a, top_w = np.abs(a_).max(1, keepdims=True), np.abs(w_).max(0, keepdims=True)
+  s_a = np.where(top_a > 0, top_a / np.float32(127), np.float32(1))
+  s_w = np.where(top_w > 0, top_w / np.float32(127), np.float32(1))
+  a_q, w_q = np.round(a_ / s_a), np.round(w_ / s_w)
+  assert np.abs(a_q).max() == 127 and np.abs(w_q).max() == 127
+  assert a_q[0, 0] == np.round(2.5) == 2  # half to even
+  sums = a_q.astype(np.int64) @ w_q.astype(np.int64)
+  want = sums.astype(np.float32) * (s_a * s_w)
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == jnp.float32 and not np.any(got[3]) and not np.any(got[:, 7])
+  exact = np.asarray(a @ w)
+  assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+  assert fused.matmul(a, w, "int8", jnp.float64).dtype == jnp.float64
+  with pytest.raises(ValueError, match="'int8' is for inference"):
+    jax.grad(lambda w: fused.int8_matmul(a, w).sum())(w)
+
+
+@pytest.mark.parametrize("make", [cells.LSTM, cells.GRU, cells.Elman],
+                         ids=["lstm", "gru", "elman"])
+def test_int8_cells_run_forward_on_every_path_and_refuse_gradients(make):
+  exact, int8 = make(16), make(16, matmul_dtype="int8")
+  params = exact.init(jax.random.key(0), 8)
+  xs = jax.random.normal(jax.random.key(1), (4, 40, 8), jnp.float32)
+  lengths = np.array([40, 31, 7, 0])
+  run = lambda cell, unroll: seqjax.scan(cell, params, xs, unroll=unroll, lengths=lengths)[1]
+  reference, fused_ys, stepped = run(exact, 1), run(int8, 1), run(int8, 2)
+  for ys in (fused_ys, stepped):
+    assert ys.dtype == jnp.float32 and not np.array_equal(ys, reference)
+    np.testing.assert_allclose(ys, reference, atol=0.05)
+  np.testing.assert_allclose(fused_ys, stepped, atol=1e-5)  # the same quantized products
+  carry = (jnp.zeros((4, 16), jnp.float32),)
+  usable = lambda dtype: native.usable(params, jnp.swapaxes(xs, 0, 1), carry, dtype)
+  assert not usable("int8") and usable(None) == (native.status() == "ready")
+  for unroll in (1, 2):
+    with pytest.raises(ValueError, match="'int8' is for inference"):
+      jax.grad(lambda p: jnp.sum(seqjax.scan(int8, p, xs, unroll=unroll)[1]))(params)
+
+
 def test_matmul_dtype_names_one_cell_and_is_checked():
   assert cells.LSTM(4, matmul_dtype=jnp.bfloat16) == cells.LSTM(4, matmul_dtype="bfloat16")
   assert hash(cells.GRU(4, matmul_dtype=jnp.bfloat16)) == hash(
       cells.GRU(4, matmul_dtype="bfloat16"))
   assert cells.LSTM(4, matmul_dtype="bfloat16").matmul_dtype == "bfloat16"
-  for bad in ("int8", "bfloat17", 3):
+  for bad in ("int4", "bfloat17", 3):
     with pytest.raises(ValueError, match="matmul_dtype must be None or one of bfloat16"):
       cells.LSTM(4, matmul_dtype=bad)
