@@ -19,12 +19,17 @@ jitted call, feeding each sample back, position i drawing with
   (:func:`seqjax.decoding.gumbel_noise`, inside the timed call);
 - ``table_bf16``, ``native_bf16``: the same with the LSTM's
   ``matmul_dtype="bfloat16"`` (recurrent matmul operands in bfloat16, float32
-  accumulation).
+  accumulation);
+- ``table_int8``, ``native_int8``: with ``matmul_dtype="int8"`` (the rows of
+  h and the columns of the weights scaled and rounded to int8, the integer
+  products summed exactly: :func:`seqjax.fused.int8_matmul`; the native one
+  on AVX512_VNNI).
 
 All of them add the same noise, so ``plain``, ``table`` and ``native`` draw
 the same tokens unless two logits round the other way (the fraction of tokens
 equal to ``plain``'s is reported); the bfloat16 samplers round, so their
-tokens drift from plain's (``native_bf16`` is compared with ``table_bf16``).
+tokens drift from plain's (``native_bf16`` is compared with ``table_bf16``,
+``native_int8`` with ``table_int8``).
 The process keeps the memory it frees (``native.reuse_freed_memory``) for
 every sampler alike.
 
@@ -52,7 +57,7 @@ def cost_per_token(variant, hidden, vocab, embed):
   """(matmul FLOPs, weight bytes read) per sampled token."""
   recurrent, readout, projection = hidden * 4 * hidden, hidden * vocab, embed * 4 * hidden
   flops = 2 * (recurrent + readout + (projection if variant == "plain" else 0))
-  recurrent_bytes = 2 if variant.endswith("bf16") else 4  # bf16 weights: 2 bytes each
+  recurrent_bytes = {"bf16": 2, "int8": 1}.get(variant.rsplit("_", 1)[-1], 4)
   weight_bytes = (recurrent * recurrent_bytes + readout * 4
                   + (projection * 4 if variant == "plain" else 0))
   return flops, weight_bytes
@@ -113,14 +118,19 @@ def main(argv=None):
     tokens = {}
     bf16_cell = cells.LSTM(hidden, matmul_dtype="bfloat16")
     fns = {v: sampler(cell, v, length, batch) for v in ("plain", "table")}
+    int8_cell = cells.LSTM(hidden, matmul_dtype="int8")
     fns["table_bf16"] = sampler(bf16_cell, "table_bf16", length, batch)
+    fns["table_int8"] = sampler(int8_cell, "table_int8", length, batch)
     if kernels:
       fns["native"] = sampler(cell, "native", length, batch)
       if native._bf16("bfloat16"):
         fns["native_bf16"] = sampler(bf16_cell, "native_bf16", length, batch)
+      if "avx512_vnni" in native._cpu_flags():
+        fns["native_int8"] = sampler(int8_cell, "native_int8", length, batch)
     for variant, fn in fns.items():
       tokens[variant] = jax.block_until_ready(fn(params, jax.random.key(1)))
-    agree = {v: float(jnp.mean(tokens["table_bf16" if v == "native_bf16" else "plain"] == t))
+    reference = {"native_bf16": "table_bf16", "native_int8": "table_int8"}
+    agree = {v: float(jnp.mean(tokens[reference.get(v, "plain")] == t))
              for v, t in tokens.items()}
     runs = {v: lambda fn=fn: jax.block_until_ready(fn(params, jax.random.key(1)))
             for v, fn in fns.items()}

@@ -115,15 +115,16 @@ def test_sampling(tmp_path):
   payload, _ = _run("sampling", tmp_path)
   rows = [r for r in payload["results"] if "variant" in r]
   batches = payload["config"]["batches"]
-  variants = ["plain", "table", "table_bf16"]
+  variants = ["plain", "table", "table_bf16", "table_int8"]
   if payload["config"]["seqjax_native"] == "ready":
-    variants += ["native", "native_bf16"] if native._bf16("bfloat16") else ["native"]
+    variants += ["native"] + ["native_bf16"] * bool(native._bf16("bfloat16"))
+    variants += ["native_int8"] * ("avx512_vnni" in native._cpu_flags())
   assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in variants for b in batches}
   for r in rows:
     for key in ("tokens_per_s", "gflops", "fraction_of_peak", "weight_gb_per_s"):
       _spread(r[key])
     assert 0.0 <= r["same_tokens"] <= 1.0
-    if r["variant"] in ("table", "native", "native_bf16"):  # the same draws, reordered sums
+    if r["variant"] in ("table", "native", "native_bf16", "native_int8"):  # reordered sums
       assert r["same_tokens"] == 1.0
   peaks = [r for r in payload["results"] if "peak_matmul" in r]
   assert sorted(r["batch"] for r in peaks) == sorted(batches)

@@ -35,6 +35,8 @@ KERNELS = {"lstm": native.lstm_forward, "gru": native.gru_forward}
 TARGETS = ("seqjax_lstm_forward", "seqjax_gru_forward")
 needs_bf16 = pytest.mark.skipif("avx512_bf16" not in CPU_FLAGS,
                                 reason="bfloat16 kernels need a CPU with AVX512_BF16")
+needs_vnni = pytest.mark.skipif("avx512_vnni" not in CPU_FLAGS,
+                                reason="the int8 sampler needs a CPU with AVX512_VNNI")
 
 
 def _problem(b, t, d, h, seed=0, kind="lstm"):
@@ -666,6 +668,8 @@ def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None):
     pytest.param(96, 20, 3, 9, 12, 1.0, None,  # three layers, a row tile and one row more
                  marks=pytest.mark.slow),  # (bfloat16 covers them in the default run)
     pytest.param(96, 20, 3, 9, 12, 1.0, "bfloat16", marks=needs_bf16),
+    pytest.param(64, 65, 2, 5, 30, 0.7, "int8", marks=needs_vnni),
+    pytest.param(96, 20, 3, 9, 12, 1.0, "int8", marks=needs_vnni),
     (64, 17, 1, 2, 0, 1.0, None),            # no tokens: the carry and logits pass through
 ])
 def test_the_sampling_kernel_draws_what_generate_draws(h, v, layers, b, t, temperature,
@@ -676,21 +680,28 @@ def test_the_sampling_kernel_draws_what_generate_draws(h, v, layers, b, t, tempe
   np.testing.assert_array_equal(tokens, want_tokens)
   if t and temperature:
     assert len(np.unique(np.asarray(tokens))) > 2  # the draws vary
-  # bfloat16: now and then an operand rounds to the other neighbour (2-5e-4)
-  atol = 1e-3 if matmul_dtype else 2e-5
+  # bfloat16: now and then an operand rounds to the other neighbour (2-5e-4);
+  # int8 too, its neighbours 1/127 of the row's largest apart (up to 1.1e-3
+  # seen), while most values agree to float32's rounding
+  atol = {None: 2e-5, "bfloat16": 1e-3, "int8": 1e-2}[matmul_dtype]
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=atol)
   for got, want in zip(carry, want_carry):
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol)
+  if matmul_dtype == "int8":
+    flat = lambda *trees: np.concatenate([np.ravel(a) for a in jax.tree.leaves(trees)])
+    close = np.isclose(flat(logits, carry), flat(want_logits, want_carry), rtol=1e-5, atol=2e-5)
+    assert np.mean(close) > 0.8, np.mean(close)  # 0.93 and 1.0 measured
 
 
-def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch):
-  cell, params, embed, head = _sampling_model(64, 30, 2)
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("int8", marks=needs_vnni)])
+def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch, matmul_dtype):
+  cell, params, embed, head = _sampling_model(64, 30, 2, matmul_dtype)
   carry = [cell.initial_carry((4,))] * 2
   logits = jnp.zeros((4, 30), jnp.float32)
   noise = decoding.gumbel_noise(jax.random.key(0), (4, 30), 25)
   noise = noise.at[..., 7].set(-jnp.inf)  # a token that is never drawn
-  run = lambda: jax.jit(lambda *a: native.lstm_sample(*a))(
+  run = lambda: jax.jit(lambda *a: native.lstm_sample(*a, matmul_dtype=matmul_dtype))(
       cell.project(params[0], embed), params, head, carry, logits, noise)
   want = run()
   monkeypatch.setattr(native, "threads", lambda: 1)
@@ -723,3 +734,6 @@ def test_sampling_too_short_to_repay_the_pack_is_not_usable():
   assert not usable(64, jnp.float64)
   with native.disabled():
     assert not usable(64)
+  noise = jnp.zeros((64, 1, 11), jnp.float32)
+  int8 = native.sample_usable(table, params, head, carry, noise, "int8")
+  assert int8 == ("avx512_vnni" in native._cpu_flags())

@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
       weight_drop=0.0,          # DropConnect on the recurrent matrices
       ar=0.0,                   # ar * mean(h^2), dropped last-layer outputs
       tar=0.0,                  # tar * mean((h_t - h_{t-1})^2), undropped
-      matmul_dtype="",          # "bfloat16": recurrent-layer matmuls in bf16 ("": f32)
+      matmul_dtype="",          # "bfloat16": recurrent-layer matmuls in bf16 ("": f32);
+                                # "int8": inference only (seqjax sample/eval --matmul-dtype)
       method="scan",            # driver: scan | unroll | associative (mingru)
   ))
 
@@ -204,7 +205,8 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
 
   A stack of LSTMs with the same hidden size, sampled with a temperature (or
   greedily, without top-k or top-p), draws all ``length`` tokens in one call
-  of the native kernel (:func:`seqjax.native.lstm_sample`), where
+  of the native kernel (:func:`seqjax.native.lstm_sample`, in the cells'
+  ``matmul_dtype``: float32, bfloat16 or int8), where
   :func:`seqjax.native.sample_usable` says it runs here and pays: no step
   leaves the kernel, and each core keeps its share of the weights in its
   cache. It adds the noise :func:`seqjax.decoding.generate` adds, so it draws

@@ -10,7 +10,10 @@ reads when a gradient is taken, and its backward pass's reverse loop. A cell
 with ``matmul_dtype="bfloat16"`` runs them too where the CPU has AVX512_BF16:
 the matmul operands rounded to bfloat16 as the XLA path rounds them, the
 products summed in float32. :func:`lstm_sample` draws a stacked LSTM language
-model's tokens, every step in one call (the char-LM's sampler).
+model's tokens, every step in one call (the char-LM's sampler), also with
+``matmul_dtype="int8"`` where the CPU has AVX512_VNNI (as
+:func:`seqjax.fused.int8_matmul`, exact integer sums). The forward and
+reverse loops do not run int8: an int8 cell runs on the XLA path.
 
 The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time they are needed, and cached
@@ -194,6 +197,11 @@ def _bf16(matmul_dtype) -> bool | None:
   return None
 
 
+def _int8(matmul_dtype) -> bool:
+  """Whether ``matmul_dtype`` asks for :func:`lstm_sample`'s int8 matmuls."""
+  return matmul_dtype is not None and jnp.dtype(matmul_dtype) == jnp.int8
+
+
 def usable(params, xs, carry, matmul_dtype) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
@@ -215,10 +223,15 @@ def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
 
   As :func:`usable`, for sampling ``T`` tokens of ``B`` rows (``noise [T, B,
   V]``): float32 arrays, a CPU backend, a hidden size the kernels split, the
-  kernels built, and ``T`` at least 4 with ``T B`` >= (the weights) / 2^15.
+  kernels built, and ``T`` at least 4 with ``T B`` >= (the weights) / 2^15;
+  ``matmul_dtype`` int8 needs a CPU with AVX512_VNNI.
   """
   if noise.ndim != 3:
     return False
+  if _int8(matmul_dtype):
+    if "avx512_vnni" not in _cpu_flags():
+      return False
+    matmul_dtype = None  # the rest of the rule as for float32
   arrays = (table, *head, noise, *(a for p in layers for a in p.values()),
             *(a for c in carry for a in c))
   weights = table.size + head[0].size + sum(p["w_h"].size + p["w_x"].size for p in layers[1:])
@@ -442,15 +455,25 @@ def lstm_sample(table, layers, head, carry, logits, noise, temperature=1.0, matm
   + noise[t, r]`` (``temperature`` 0: ``logits + noise``): with
   :func:`seqjax.decoding.gumbel_noise` as ``noise``, the draws
   :func:`seqjax.decoding.generate` makes. Returns the carry and logits after
-  the last token, and ``tokens [B, T]`` int32. ``matmul_dtype``: the cells'.
+  the last token, and ``tokens [B, T]`` int32.
+
+  ``matmul_dtype``: the cells' (``None``, float32 or bfloat16), or ``"int8"``:
+  the LSTM layers' matmuls in int8 (AVX512_VNNI), each weight column scaled
+  to int8 and each h rounded to a multiple of 1/127, the sums exact
+  (:func:`seqjax.decoding.int8_matmul` states it in XLA); the table, the gate
+  math and the read-out stay float32.
   """
   (time, batch, _), hidden = noise.shape, table.shape[-1] // 4
+  int8 = _int8(matmul_dtype)
+  if int8 and "avx512_vnni" not in _cpu_flags():
+    raise ValueError("seqjax.native.lstm_sample: int8 matmuls need a CPU with AVX512_VNNI, "
+                     "and this one has none")
   args = [a for p, (h, c) in zip(layers, carry) for a in (p["w_x"], p["w_h"], p["b"], h, c)]
   shapes = [jax.ShapeDtypeStruct((batch, time), jnp.int32), logits.shape]
   shapes += [(batch, hidden)] * (2 * len(layers))
   tokens, logits, *states = _call(
-      "seqjax_lstm_sample", shapes, partitions(hidden), matmul_dtype, table, head[0], head[1],
-      logits, noise, *args, temperature=np.float32(temperature))
+      "seqjax_lstm_sample", shapes, partitions(hidden), None if int8 else matmul_dtype, table,
+      head[0], head[1], logits, noise, *args, temperature=np.float32(temperature), int8=int8)
   return [tuple(states[i:i + 2]) for i in range(0, len(states), 2)], logits, tokens
 
 

@@ -15,7 +15,9 @@
 // zeros. Weights arrive as the cells hold them, and the partition count P as
 // an attribute (Hp = H / P units each, a multiple of 16), and with it `bf16`:
 // the matmuls round their operands to bfloat16 and sum in float32 (a cell's
-// matmul_dtype="bfloat16"; the gate math stays float32):
+// matmul_dtype="bfloat16"; the gate math stays float32). The sampling loop
+// also takes `int8`: its LSTM layers' matmuls in int8 (matmul_dtype="int8",
+// see the int8 matmuls below):
 //   LSTM: w_x [D, 4H], w_h [H, 4H] (columns i, f, g, o), b [4H]; carry h0,
 //         c0 [B, H].
 //   GRU (reset after): w_x [D, 3H], w_h [H, 3H] (columns r, z, n), b [3H],
@@ -280,6 +282,105 @@ const float* operand(bool bf16, long B, const float* a, long K, float* pairs) {
   return bf16 ? as_pairs(B, a, K, pairs) : a;
 }
 
+// int8 matmuls (lstm_sample's matmul_dtype="int8", seqjax.fused.int8_matmul):
+// each row of the operand a [B, K] and each column of the weights w [K, N]
+// scaled so its largest magnitude is 127 (s_a = max_k |a_k| / 127, s_w =
+// max_k |w_kn| / 127; 1 for all zeros) and rounded to integers, their
+// products summed exactly in int32 (vpdpbusd, AVX512_VNNI), then z = b +
+// sum * (s_a s_w). vpdpbusd multiplies unsigned bytes by signed ones, so a
+// goes in as round(a / s_a) + 128, and 128 times the column's sum of
+// weights (`corr`) comes off again. A packed row is 16 quads of bytes, from
+// four consecutive rows k ... k + 3 (k a multiple of 4, zero rows padding
+// K), and each panel of 16 columns has 32 values beside it: the columns'
+// s_w (float), then corr (int32).
+inline long quads(long K) { return (K + 3) / 4; }
+
+#ifdef __AVX512VNNI__
+constexpr bool kHaveInt8 = true;
+// acc + the four products per lane of a's unsigned and w's signed bytes, in int32.
+inline __m512 dot_quads(__m512 acc, __m512 a, __m512 w) {
+  return _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc), _mm512_castps_si512(a),
+                                                 _mm512_castps_si512(w)));
+}
+#else  // built for a CPU without AVX512_VNNI: the handlers refuse int8 calls
+constexpr bool kHaveInt8 = false;
+inline __m512 dot_quads(__m512 acc, __m512, __m512) { return acc; }
+#endif
+
+// The scale putting the largest of 16 magnitudes `top` at 127 (1 where it
+// is 0), in every lane.
+inline __m512 int8_scale(__m512 top) {
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_mask_div_ps(_mm512_set1_ps(1.f), nonzero, top, _mm512_set1_ps(127.f));
+}
+
+// b + (acc - corr) (s_a s_w), for a panel's int32 sums acc, its q (above)
+// and the row's s_a; rounded as XLA rounds it (no fused multiply-add).
+inline __m512 dequantize(__m512 acc, const float* q, float s_a, const float* b) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i sum = _mm512_sub_epi32(_mm512_castps_si512(acc), _mm512_loadu_si512(q + 16));
+  const __m512 scale = _mm512_mul_round_ps(_mm512_set1_ps(s_a), _mm512_loadu_ps(q), kNearest);
+  return _mm512_add_round_ps(
+      _mm512_loadu_ps(b), _mm512_mul_round_ps(_mm512_cvtepi32_ps(sum), scale, kNearest), kNearest);
+}
+
+// Rows of a [B, K] (K apart) as quads of round(a / s_a) + 128: rows
+// quads(K) units apart, in out; each row's s_a in scales [B]. Returns out,
+// as the matmul's operand.
+const float* as_quads(long B, const float* a, long K, float* out, float* scales) {
+  const long Q = quads(K);
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (long r = 0; r < B; ++r) {
+    const float* from = a + r * K;
+    __m512 top = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 16) {
+      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), from + k)));
+    }
+    const __m512 scale = int8_scale(_mm512_set1_ps(_mm512_reduce_max_ps(top)));
+    scales[r] = _mm512_cvtss_f32(scale);
+    uint8_t* to = reinterpret_cast<uint8_t*>(out + r * Q);
+    for (long k = 0; k < K; k += 16) {
+      const __mmask16 live = first_lanes(K - k);
+      const __m512i u = _mm512_add_epi32(
+          _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(live, from + k), scale)), offset);
+      _mm_mask_storeu_epi8(to + k, live, _mm512_cvtepi32_epi8(u));
+    }
+    for (long k = K; k < 4 * Q; ++k) to[k] = 0;
+  }
+  return out;
+}
+
+// A panel of 16 columns, rows row1(0) ... row1(K1 - 1) then row2(0) ...
+// row2(K2 - 1) (16 floats each), scaled by the columns' s_w and rounded to
+// int8 quads at `to` (quads(K1) rows, then quads(K2)); the panel's s_w and
+// corrections at q. Returns the panel's end.
+template <class Row1, class Row2>
+float* panel_int8(long K1, const Row1& row1, long K2, const Row2& row2, float* to, float* q) {
+  __m512 top = _mm512_setzero_ps();
+  for (long k = 0; k < K1; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row1(k)));
+  for (long k = 0; k < K2; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row2(k)));
+  const __m512 scale = int8_scale(top);
+  __m512i colsum = _mm512_setzero_si512();
+  auto rows = [&](long K, const auto& row) {
+    for (long k = 0; k < K; k += 4) {
+      __m512i quad = _mm512_setzero_si512();
+      for (long j = 0; j < 4 && k + j < K; ++j) {
+        const __m512i wq = _mm512_cvtps_epi32(_mm512_div_ps(row(k + j), scale));
+        colsum = _mm512_add_epi32(colsum, wq);
+        const __m512i byte = _mm512_and_si512(wq, _mm512_set1_epi32(0xff));
+        quad = _mm512_or_si512(quad, _mm512_slli_epi32(byte, static_cast<unsigned>(8 * j)));
+      }
+      _mm512_storeu_si512(to, quad);
+      to += 16;
+    }
+  };
+  rows(K1, row1);
+  rows(K2, row2);
+  _mm512_storeu_ps(q, scale);
+  _mm512_storeu_si512(q + 16, _mm512_slli_epi32(colsum, 7));  // 128 sum_k wq
+  return to;
+}
+
 // Offsets of 16 consecutive rows `stride` floats apart, for a gather.
 inline __m512i row_offsets(long stride) {
   return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -303,15 +404,23 @@ float* panel(long K, bool bf16, const Row& row, float* to) {
 
 // Partition p's columns of w1 [K1, G H] stacked over w2 [K2, G H] (the
 // partition's Hp units of each of the G gate blocks, blocks in order), in
-// panels of 16 columns: out [G Hp / 16, units(K1) + units(K2), 16].
+// panels of 16 columns: out [G Hp / 16, units(K1) + units(K2), 16]; with q,
+// as int8 quads instead ([G Hp / 16, quads(K1) + quads(K2), 16]), each
+// panel's s_w and corrections at q [G Hp / 16, 32].
 void pack_columns(const float* w1, long K1, const float* w2, long K2, long G, long H, long Hp,
-                  long p, bool bf16, float* out) {
-  const long per_block = Hp / 16, width = G * H, K = units(K1, bf16) + units(K2, bf16);
+                  long p, bool bf16, float* out, float* q = nullptr) {
+  const long per_block = Hp / 16, width = G * H;
+  const long K = q ? quads(K1) + quads(K2) : units(K1, bf16) + units(K2, bf16);
   for (long j = 0; j < G * per_block; ++j) {
     const long col = j / per_block * H + p * Hp + j % per_block * 16;
     float* to = out + j * K * 16;
-    to = panel(K1, bf16, [&](long k) { return _mm512_loadu_ps(w1 + k * width + col); }, to);
-    panel(K2, bf16, [&](long k) { return _mm512_loadu_ps(w2 + k * width + col); }, to);
+    auto row1 = [&](long k) { return _mm512_loadu_ps(w1 + k * width + col); };
+    auto row2 = [&](long k) { return _mm512_loadu_ps(w2 + k * width + col); };
+    if (q) {
+      panel_int8(K1, row1, K2, row2, to, q + 32 * j);
+    } else {
+      panel(K2, bf16, row2, panel(K1, bf16, row1, to));
+    }
   }
 }
 
@@ -337,18 +446,26 @@ void pack_rows_transposed(const float* w, long G, long H, long Hp, long p, bool 
 constexpr long kRows = 8;  // rows of a register tile
 constexpr long kAhead = 16;  // rows of a weight panel prefetched ahead of use
 
+// What a matmul's packed units hold: floats, bfloat16 pairs (above), or int8
+// quads (below).
+enum Units { kF32, kBf16, kInt8 };
+
 // z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 units deep; K2 may be 0)
 // for M rows (<= kRows) and V panels of 16 columns (panel v of w at w + v S,
 // row k at + 16 k); rows of a and z are K and N apart, rows of b ldb apart
-// (0: one bias row for all). BF: the units are bfloat16 pairs. M and V are
-// template arguments so the accumulators stay in registers.
-template <bool BF, int M, int V>
+// (0: one bias row for all). U: what the units hold; for kInt8 the sums are
+// integers, scaled by the rows' s_a (rs) and the columns' s_w (q: see the
+// int8 matmuls, above). M and V are template arguments so the accumulators
+// stay in registers.
+template <Units U, int M, int V>
 void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
-          long S, long N, const float* b, long ldb, float* z) {
+          long S, long N, const float* b, long ldb, const float* q, const float* rs, float* z) {
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(b + i * ldb + 16 * v);
+    for (int v = 0; v < V; ++v) {
+      acc[i][v] = U == kInt8 ? _mm512_setzero_ps() : _mm512_loadu_ps(b + i * ldb + 16 * v);
+    }
   auto rank1 = [&](const float* a, long lda, long K, const float* w) {
     for (long k = 0; k < K; ++k) {
       __m512 wk[V];
@@ -358,9 +475,11 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
       }
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
-        const __m512 ai = _mm512_set1_ps(a[i * lda + k]);  // bit for bit: a pair, for BF
+        const __m512 ai = _mm512_set1_ps(a[i * lda + k]);  // bit for bit: a pair or quad
         for (int v = 0; v < V; ++v) {
-          acc[i][v] = BF ? dot_pairs(acc[i][v], ai, wk[v]) : _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+          acc[i][v] = U == kInt8 ? dot_quads(acc[i][v], ai, wk[v])
+                      : U == kBf16 ? dot_pairs(acc[i][v], ai, wk[v])
+                                   : _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
         }
       }
     }
@@ -369,27 +488,33 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
   rank1(a2, K2, K2, w2);
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(z + i * N + 16 * v, acc[i][v]);
+    for (int v = 0; v < V; ++v) {
+      if (U == kInt8) acc[i][v] = dequantize(acc[i][v], q + 32 * v, rs[i], b + i * ldb + 16 * v);
+      _mm512_storeu_ps(z + i * N + 16 * v, acc[i][v]);
+    }
 }
 
 using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
-                      long, const float*, long, float*);
-template <bool BF, int V>
-constexpr Tile kTiles[kRows + 1] = {nullptr,          tile<BF, 1, V>, tile<BF, 2, V>,
-                                    tile<BF, 3, V>,   tile<BF, 4, V>, tile<BF, 5, V>,
-                                    tile<BF, 6, V>,   tile<BF, 7, V>, tile<BF, 8, V>};
+                      long, const float*, long, const float*, const float*, float*);
+template <Units U, int V>
+constexpr Tile kTiles[kRows + 1] = {nullptr,         tile<U, 1, V>, tile<U, 2, V>,
+                                    tile<U, 3, V>,   tile<U, 4, V>, tile<U, 5, V>,
+                                    tile<U, 6, V>,   tile<U, 7, V>, tile<U, 8, V>};
 
 // z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
 // units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
 // apart); N a multiple of 16, rows of z ldz apart, rows of b ldb apart (0:
-// one bias row; b may be z itself, each tile reading its rows first). Column
-// blocks outside, so each block of w stays in cache across the row tiles. A
-// tile sums k in order whatever its shape, so the shapes are free: with few
-// rows, more panels at a time keep 8 or more accumulators in flight (the FMA
-// latency), and one row (a matrix-vector product) reads 8 panels.
-template <bool BF>
+// one bias row; b may be z itself, each tile reading its rows before writing
+// them); q and rs: kInt8's s_w and corrections (32 per panel) and its rows'
+// s_a. Column blocks outside, so each block of w stays in cache across the
+// row tiles. A tile sums k in order whatever its shape, so the shapes are
+// free: with few rows, more panels at a time keep 8 or more accumulators in
+// flight (the FMA latency), and one row (a matrix-vector product) reads 8
+// panels.
+template <Units U>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
-            const float* w2, long S, long N, const float* b, long ldb, float* z, long ldz) {
+            const float* w2, long S, long N, const float* b, long ldb, const float* q,
+            const float* rs, float* z, long ldz) {
   const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
   for (long n0 = 0; n0 < N;) {
     long v = wide;
@@ -397,12 +522,13 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
     const long panel = n0 / 16 * S;
     for (long r0 = 0; r0 < B; r0 += kRows) {
       const long m = std::min(kRows, B - r0);
-      const Tile tile = (v == 8   ? kTiles<BF, 8>
-                         : v == 4 ? kTiles<BF, 4>
-                         : v == 2 ? kTiles<BF, 2>
-                                  : kTiles<BF, 1>)[m];
+      const Tile tile = (v == 8   ? kTiles<U, 8>
+                         : v == 4 ? kTiles<U, 4>
+                         : v == 2 ? kTiles<U, 2>
+                                  : kTiles<U, 1>)[m];
       tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz,
-           b + r0 * ldb + n0, ldb, z + r0 * ldz + n0);
+           b + r0 * ldb + n0, ldb, q ? q + 2 * n0 : nullptr, rs ? rs + r0 : nullptr,
+           z + r0 * ldz + n0);
     }
     n0 += 16 * v;
   }
@@ -413,8 +539,8 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
 void matmul(bool bf16, long B, const float* a1, long K1, const float* w1, const float* a2,
             long K2, const float* w2, long S, long N, const float* b, float* z, long ldz = 0,
             long ldb = 0) {
-  (bf16 ? matmul<true> : matmul<false>)(B, a1, K1, w1, a2, K2, w2, S, N, b, ldb, z,
-                                        ldz ? ldz : N);
+  (bf16 ? matmul<kBf16> : matmul<kF32>)(B, a1, K1, w1, a2, K2, w2, S, N, b, ldb, nullptr,
+                                        nullptr, z, ldz ? ldz : N);
 }
 
 // valid / resets flags, either of which may be absent.
@@ -994,7 +1120,7 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
                           ffi::Buffer<ffi::F32> noise, ffi::RemainingArgs layer_args,
                           ffi::ResultBuffer<ffi::S32> tokens_out,
                           ffi::ResultBuffer<ffi::F32> logits_out, ffi::RemainingRets carry_out,
-                          int64_t partitions, bool bf16, float temperature) {
+                          int64_t partitions, bool bf16, float temperature, bool int8) {
   const auto td = table.dimensions(), od = w_o.dimensions(), nd = noise.dimensions();
   const auto ld = logits0.dimensions();
   const long L = static_cast<long>(layer_args.size() / 5);
@@ -1005,7 +1131,7 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
         "then w_x, w_h, b, h0, c0 for each layer, and h, c results for each");
   }
   const long V = td[0], H = td[1] / 4, T = nd[0], B = nd[1], P = partitions;
-  const long Hp = partition_units(H, P), N = 4 * Hp, Hu = units(H, bf16);
+  const long Hp = partition_units(H, P), N = 4 * Hp, Hu = int8 ? quads(H) : units(H, bf16);
   if (td[1] != 4 * H || od[0] != H || od[1] != V || static_cast<long>(b_o.element_count()) != V ||
       nd[2] != V || ld[0] != B || ld[1] != V || Hp == 0) {
     return ffi::Error::InvalidArgument(
@@ -1013,6 +1139,12 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
         "or H does not split in partitions");
   }
   if (bf16 && !kHaveBf16) return NoBf16("lstm_sample");
+  if (int8 && (bf16 || !kHaveInt8)) {
+    return ffi::Error::InvalidArgument(
+        bf16 ? "seqjax lstm_sample: int8 and bf16 both set; choose one"
+             : "seqjax lstm_sample: int8 matmuls need AVX512_VNNI, and this build has none (the "
+               "CPU it was built for lacks it)");
+  }
   struct Layer {
     const float *w_x, *w_h, *b;
     float *h, *c;  // the results: h_T, and c updated in place
@@ -1050,17 +1182,21 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
   }
 
   // Packed, per partition: each layer's panels (layer 0: w_h's; above it,
-  // w_x's over w_h's) and bias, then the table's columns [V, 4 Hp]. After all
-  // partitions, the read-out's panels [V16 / 16, H, 16] and bias [V16].
+  // w_x's over w_h's, or for int8 w_x's then w_h's, each quantized on its
+  // own as the cell's two matmuls are), bias, and (int8) the s_w and
+  // corrections of w_h, then of w_x ([N / 16, 32] each); then the table's
+  // columns [V, 4 Hp]. After all partitions, the read-out's panels [V16 /
+  // 16, H, 16] and bias [V16].
   const long V16 = (V + 15) / 16 * 16, panels = V16 / 16;
   std::vector<long> at(L + 1, 0);  // where each layer's panels start in a partition's block
-  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + N;
+  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + 5 * N;
   const long block = at[L] + V * N;
   Scratch packed(P * block + panels * 16 * H + V16);
   float* Wo = packed.data() + P * block;
   float* Bo = Wo + panels * 16 * H;
   auto share = [&](long n, long p) { return n * p / P; };  // p's read-out panels start here
-  std::vector<float> logits(B * V16), zbuf(P * B * N), pairs(bf16 ? P * B * 2 * Hu : 0);
+  std::vector<float> logits(B * V16), zbuf(P * B * N), pairs(bf16 || int8 ? P * B * 2 * Hu : 0);
+  std::vector<float> row_scales(int8 ? P * B : 0);  // int8: each operand row's s_a
   std::vector<int32_t> drawn(P * B);  // each partition's copy of the step's tokens
   for (long r = 0; r < B; ++r) {
     std::memcpy(logits.data() + r * V16, logits0.typed_data() + r * V, V * sizeof(float));
@@ -1073,12 +1209,16 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     float* own = packed.data() + p * block;
     for (long l = 0; l < L; ++l) {
       float* to = own + at[l];
+      float* q = to + (l ? 2 * Hu : Hu) * N + N;
       if (l == 0) {
-        pack_columns(layers[0].w_h, H, nullptr, 0, 4, H, Hp, p, bf16, to);
+        pack_columns(layers[0].w_h, H, nullptr, 0, 4, H, Hp, p, bf16, to, int8 ? q : nullptr);
+      } else if (int8) {
+        pack_columns(layers[l].w_x, H, nullptr, 0, 4, H, Hp, p, false, to, q + 2 * N);
+        pack_columns(layers[l].w_h, H, nullptr, 0, 4, H, Hp, p, false, to + Hu * N, q);
       } else {
         pack_columns(layers[l].w_x, H, layers[l].w_h, H, 4, H, Hp, p, bf16, to);
-        pack_bias(layers[l].b, 4, H, Hp, p, to + 2 * Hu * N);
       }
+      if (l) pack_bias(layers[l].b, 4, H, Hp, p, to + 2 * Hu * N);
     }
     for (long v = 0; v < V; ++v) pack_bias(table.typed_data() + v * 4 * H, 4, H, Hp, p,
                                            own + at[L] + v * N);
@@ -1124,7 +1264,15 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     const float* hin = hb + (t & 1) * B * H;
     float* hnext = hb + ((t + 1) & 1) * B * H;
     float* pair = pairs.data() + p * B * 2 * Hu;
+    float* rs = int8 ? row_scales.data() + p * B : nullptr;
     const float* w = own + at[l];
+    const float* q = w + (l ? 2 * Hu : Hu) * N + N;  // int8: w_h's s_w, then w_x's
+    // The int8 matmul z = b + a [B, H] w_l (panels Hu deep at w_l, s_w at q_l).
+    auto int8_matmul = [&](const float* a, const float* w_l, const float* q_l, const float* b,
+                           long ldb) {
+      const float* a_q = as_quads(B, a, H, pair, rs);
+      matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, z, N);
+    };
     if (l == 0) {  // draw the token; its row of the table starts the sums
       int32_t* tokens = drawn.data() + p * B;
       draw(t, tokens);
@@ -1132,13 +1280,23 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
         std::memcpy(z + r * N, own + at[L] + tokens[r] * N, N * sizeof(float));
         if (p == 0) TOKENS[r * T + t] = tokens[r];
       }
-      const float* h_in = operand(bf16, B, hin, H, pair);
-      matmul(bf16, B, h_in, Hu, w, nullptr, 0, nullptr, 16 * Hu, N, z, z, N, N);
+      if (int8) {
+        int8_matmul(hin, w, q, z, N);
+      } else {
+        const float* h_in = operand(bf16, B, hin, H, pair);
+        matmul(bf16, B, h_in, Hu, w, nullptr, 0, nullptr, 16 * Hu, N, z, z, N, N);
+      }
     } else {  // the layer below's new h, then this layer's own
       const float* below = hbuf.data() + (l - 1) * 2 * B * H + ((t + 1) & 1) * B * H;
-      const float* x = operand(bf16, B, below, H, pair);
-      const float* h_in = operand(bf16, B, hin, H, pair + B * Hu);
-      matmul(bf16, B, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, w + 2 * Hu * N, z);
+      const float* bias = w + 2 * Hu * N;
+      if (int8) {  // as the cell: (b + x w_x) + h w_h
+        int8_matmul(below, w, q + 2 * N, bias, 0);
+        int8_matmul(hin, w + Hu * N, q, z, N);
+      } else {
+        const float* x = operand(bf16, B, below, H, pair);
+        const float* h_in = operand(bf16, B, hin, H, pair + B * Hu);
+        matmul(bf16, B, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, bias, z);
+      }
     }
     float* C = layers[l].c;
     for (long r = 0; r < B; ++r) {
@@ -1262,4 +1420,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmSample, LstmSampleImpl,
                                              .Ret<ffi::Buffer<ffi::S32>>()  // tokens
                                              .Ret<ffi::Buffer<ffi::F32>>()  // logits
                                              .RemainingRets())  // per layer: h, c
-                                  .Attr<float>("temperature"));
+                                  .Attr<float>("temperature")
+                                  .Attr<bool>("int8"));
