@@ -3,8 +3,10 @@
     seqjax list
     seqjax train EXPERIMENT --workdir DIR [--config.KEY=VALUE ...] [--quick]
     seqjax eval --workdir DIR [--checkpoint latest|best | --step N] [--split NAME]
+                [--matmul-dtype float32|bfloat16|int8]
     seqjax sample --workdir DIR [--prompt TEXT] [--length N] [--temperature T]
                   [--top-k K | --top-p P] [--num-samples N] [--seed S]
+                  [--matmul-dtype float32|bfloat16|int8]
 
 EXPERIMENT is a file name in ``experiments/`` (``parity``) or a path to an
 experiment file. An experiment file defines ``get_config(quick=False)``
@@ -186,6 +188,9 @@ def _checkpoint_arguments(parser) -> None:
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
   which.add_argument("--step", type=int)
+  parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16", "int8"),
+                      help="run the model's matmuls in this precision (default: as trained; "
+                           "int8: inference only)")
 
 
 def _split_overrides(argv):
@@ -232,7 +237,7 @@ def run(argv) -> int:
     return 0
   if args.command == "eval":
     result = loop.evaluate(args.workdir, step=args.step, checkpoint=args.checkpoint,
-                           splits=args.split)
+                           splits=args.split, matmul_dtype=args.matmul_dtype)
     print(json.dumps(result))
     return 0
   return _sample(args, loop)
@@ -253,7 +258,7 @@ def _sample(args, loop) -> int:
   texts = loop.sample(args.workdir, prompt=args.prompt, length=args.length,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       num_samples=args.num_samples, seed=args.seed, step=args.step,
-                      checkpoint=args.checkpoint,
+                      checkpoint=args.checkpoint, matmul_dtype=args.matmul_dtype,
                       write=write if streaming else None,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
   if streaming:

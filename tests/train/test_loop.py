@@ -199,6 +199,8 @@ def test_metrics_files_and_eval_command_agree(tmp_path):
       result["eval"]["validation"]["loss"], rel=1e-6)
   best = loop.evaluate(tmp_path, checkpoint="best")
   assert best["step"] in (2, 4)
+  with pytest.raises(ValueError, match="model 'classifier' has no matmul_dtype option"):
+    loop.evaluate(tmp_path, matmul_dtype="int8")
 
 
 def test_a_resumed_run_continues_its_clocks(tmp_path):

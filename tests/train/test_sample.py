@@ -99,6 +99,20 @@ def test_unknown_prompt_characters_are_named(trained, capsys):
   assert err == ["seqjax: error: the prompt has characters outside the model's vocabulary: '☃'"]
 
 
+def test_int8_matmuls_evaluate_and_sample_the_float32_model_closely(trained):
+  workdir, _, result = trained
+  int8 = loop.evaluate(workdir, matmul_dtype="int8")["eval"]
+  for split, metrics in result["eval"].items():
+    assert int8[split]["loss"] != metrics["loss"]  # another precision really ran
+    assert int8[split]["loss"] == pytest.approx(metrics["loss"], abs=0.01)
+  draw = lambda **kw: loop.sample(workdir, prompt="The ", length=120, seed=1, temperature=0.8,
+                                  **kw)[0]
+  text = draw(matmul_dtype="int8")
+  assert len(text) == 120 and text == draw(matmul_dtype="int8", chunk=7)
+  # The same noise: the texts agree until two likeliest characters trade places.
+  assert text[:10] == draw()[:10]
+
+
 def test_the_sample_command_streams_prompt_and_text(trained):
   workdir, _, _ = trained
   env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -113,3 +127,9 @@ def test_the_sample_command_streams_prompt_and_text(trained):
   assert done.returncode == 0 and done.stdout.count("--- sample ") == 2
   done = run("--top-k", "2", "--top-p", "0.5")
   assert done.returncode == 2 and "not allowed with argument" in done.stderr
+  done = run("--length", "30", "--seed", "4", "--matmul-dtype", "int8")
+  assert done.returncode == 0, done.stderr[-2000:]
+  expected = loop.sample(workdir, length=30, seed=4, matmul_dtype="int8")[0]
+  assert done.stdout == "\n" + expected + "\n"
+  done = run("--matmul-dtype", "int4")
+  assert done.returncode == 2 and "invalid choice: 'int4'" in done.stderr
