@@ -142,8 +142,9 @@ class _Cell:
 
   # A cell may run a whole sequence in one fused function (with its own
   # backward pass); the scan driver then calls it instead of ``step``:
-  # ``fused_scan(params, xs [T, B, D], carry, valid, resets) -> (carry, ys)``,
-  # time-major, with the driver's masking and reset semantics.
+  # ``fused_scan(params, xs [T, B, D], carry, valid, resets, batch_major=False)
+  # -> (carry, ys)``, time-major (``batch_major``: xs and ys [B, T, ...]), with
+  # the driver's masking and reset semantics.
   fused_scan: ClassVar[Any] = None
 
 
@@ -246,10 +247,11 @@ class LSTM(_Cell):
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return LSTMCarry(h=h, c=c), h
 
-  def fused_scan(self, params: Params, xs: Array, carry: LSTMCarry, valid, resets):
+  def fused_scan(self, params: Params, xs: Array, carry: LSTMCarry, valid, resets,
+                 batch_major: bool = False):
     """The whole sequence with a hand-written backward pass (:mod:`seqjax.fused`)."""
     h, c, ys = fused.lstm_scan(params, xs, carry.h, carry.c, valid, resets,
-                               self.matmul_dtype)
+                               self.matmul_dtype, batch_major)
     return LSTMCarry(h=h, c=c), ys
 
 
@@ -323,8 +325,8 @@ class GRU(_Cell):
     """The reset-after GRU's whole-sequence function (:mod:`seqjax.fused`)."""
     if not self.reset_after:
       return None
-    def scan(params, xs, carry, valid, resets):
-      return fused.gru_scan(params, xs, carry, valid, resets, self.matmul_dtype)
+    def scan(params, xs, carry, valid, resets, batch_major=False):
+      return fused.gru_scan(params, xs, carry, valid, resets, self.matmul_dtype, batch_major)
     return scan
 
 

@@ -39,7 +39,8 @@ the within-length reversal) happens outside the loop; the loop runs one
 masked step body, shared by every driver, so the drivers agree exactly.
 The exception is ``scan`` with ``unroll=1`` on a cell with a ``fused_scan``
 (LSTM, reset-after GRU): it runs that fused sequence function instead, which
-projects inside its loop and has its own backward pass (:mod:`seqjax.fused`);
+projects inside its loop and has its own backward pass (:mod:`seqjax.fused`),
+and takes batch-major inputs as they come (without ``reverse`` or ``remat``);
 it is tested to equal the step path in values and gradients.
 
 Shapes are checked at trace time: a mistake raises a ``ValueError`` saying what
@@ -315,8 +316,14 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
   # measured faster on CPU; every other path projects all steps at once.
   to_tm = (lambda a: a) if time_major else (lambda a: jnp.swapaxes(a, 0, 1))
   fused = core == "scan" and unroll == 1 and cell.fused_scan is not None
+  # A fused loop reads batch-major xs itself (and writes ys so), unless the
+  # steps are reordered (reverse) or cut in chunks (remat) first.
+  batch_major = fused and not time_major and not reverse and remat is None
   dtype = jnp.result_type(xs, params["w_x"], params["b"])
-  xp = to_tm(xs) if fused else cell.project(params, to_tm(xs))  # [T, B, D or G]
+  if batch_major:
+    xp = xs  # [B, T, D]
+  else:
+    xp = to_tm(xs) if fused else cell.project(params, to_tm(xs))  # [T, B, D or G]
   mask = None if mask is None else to_tm(mask)  # [T, B]
   resets = None if resets is None else to_tm(resets)  # [T, B]
 
@@ -347,7 +354,7 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
     carry = jax.tree.map(lambda c: jnp.asarray(c).astype(jnp.result_type(c, dtype)), carry)
   if fused:
     def loop(carry, chunk):
-      return cell.fused_scan(params, chunk[0], carry, chunk[1], chunk[2])
+      return cell.fused_scan(params, chunk[0], carry, chunk[1], chunk[2], batch_major)
   else:
     def loop(carry, chunk):
       return _CORES[core](cell, params, *chunk, carry, init_carry, unroll)
@@ -357,7 +364,7 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
     carry, ys = chunked(loop, carry, (xp, valid, resets), chunk=remat)
   if reverse:
     ys = flip(ys)
-  return carry, to_tm(ys)
+  return carry, ys if batch_major else to_tm(ys)
 
 
 # --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ across threads and sizes that do not, and leave gradients to the XLA path.
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import platform
@@ -150,6 +151,51 @@ def test_kernel_equals_the_xla_path(kind, b, t, d, h, masks):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
   if valid is not None and t:  # invalid steps emit exact zeros
     assert not np.any(np.asarray(got[-1])[~valid])
+
+
+@pytest.mark.parametrize("b,t,masks", [(13, 9, "both"), (1, 7, "none"), (4, 0, "none")])
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_major_kernels_equal_the_time_major_ones(kind, matmul_dtype, b, t, masks):
+  params, xs, *carry = _problem(b, t, 5, 64, kind=kind)
+  rng = np.random.default_rng(b * t)
+  valid, resets = ((rng.random((t, b)) < p) if masks == "both" else None for p in (0.7, 0.2))
+  run = lambda bm: jax.jit(functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype,
+                                             batch_major=bm))
+  want = run(False)(params, xs, *carry, valid, resets)
+  got = run(True)(params, jnp.swapaxes(xs, 0, 1), *carry, valid, resets)
+  np.testing.assert_array_equal(got[-1], jnp.swapaxes(want[-1], 0, 1))  # ys [B, T, H]
+  for g, w in zip(got[:-1], want[:-1]):
+    np.testing.assert_array_equal(g, w)
+  with pytest.raises(ValueError, match="batch_major is for the plain forward loops"):
+    KERNELS[kind](params, xs, *carry, save=True, batch_major=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_major_scans_skip_the_transposes_and_keep_values_and_gradients(kind):
+  params, xs, *carry = _problem(6, 20, 5, 64, kind=kind)
+  scan = _scan(kind)
+  run = lambda bm: lambda p, x, *c: scan(p, jnp.swapaxes(x, 0, 1) if bm else x, *c, None, None,
+                                         None, bm)
+  direct = lambda p, x, *c: scan(p, x, *c, None, None, None, True)
+  compiled = jax.jit(direct).lower(params, jnp.swapaxes(xs, 0, 1), *carry).compile().as_text()
+  assert f'custom_call_target="seqjax_{kind}_forward"' in compiled
+  assert "batch_major = true" in compiled and " transpose(" not in compiled
+  # seqjax.scan's default layout, batch-major, goes straight through.
+  cell = CELLS[kind](64)
+  default = lambda p, x: seqjax.scan(cell, p, x)[1]
+  compiled = jax.jit(default).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
+  assert "batch_major = true" in compiled and " transpose(" not in compiled
+  as_time_major = lambda out: (*out[:-1], jnp.swapaxes(out[-1], 0, 1))
+  loss = lambda bm: lambda p, x, *c: jnp.sum(jnp.sin(run(bm)(p, x, *c)[-1]))
+  for path in (contextlib.nullcontext, native.disabled):
+    with path():
+      want = jax.jit(run(False))(params, xs, *carry)
+      got = as_time_major(jax.jit(run(True))(params, xs, *carry))
+      want_grads = jax.jit(jax.grad(loss(False), argnums=(0, 1, 2)))(params, xs, *carry)
+      grads = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(params, xs, *carry)
+    for g, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, want_grads))):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [

@@ -364,7 +364,17 @@ def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
       *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
 
-def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None):
+def _sequence(xs, hidden, save, batch_major):
+  """``(T, B, ys' shape)`` of a forward call on ``xs``, time-major ``[T, B, D]``
+  or ``batch_major`` ``[B, T, D]`` (the plain loops only: the saves are time-major)."""
+  if batch_major and save:
+    raise ValueError("seqjax.native: batch_major is for the plain forward loops (save=False)")
+  time, batch = xs.shape[:2][::-1] if batch_major else xs.shape[:2]
+  return time, batch, (batch, time, hidden) if batch_major else (time, batch, hidden)
+
+
+def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None,
+                 batch_major=False):
   """``(h_T, c_T, ys)``: :func:`seqjax.fused.lstm_scan` without gradients, on the kernel.
 
   Same arguments and semantics (time-major ``xs [T, B, D]``, ``h0, c0 [B, H]``,
@@ -373,13 +383,17 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul
   :func:`usable` first. With ``save``, returns ``((h_T, c_T, ys), saved)``:
   ``saved`` is what the backward pass reads, ``(hs, ps, ks, fs)`` as
   ``seqjax.fused``'s own forward saves them (zero factors on held steps).
+  Without ``save``, ``batch_major`` reads ``xs [B, T, D]`` and writes ``ys [B,
+  T, H]`` (``valid``/``resets`` stay ``[T, B]``).
   """
   hidden = h0.shape[-1]
-  (time, batch, _), carry = xs.shape, h0.shape
+  time, batch, ys_shape = _sequence(xs, hidden, save, batch_major)
+  carry = h0.shape
   args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
-  shapes = [(time, batch, hidden), carry, carry]
+  shapes = [ys_shape, carry, carry]
   if not save:
-    ys, h, c = _call("seqjax_lstm_forward", shapes, partitions(hidden), matmul_dtype, *args)
+    ys, h, c = _call("seqjax_lstm_forward", shapes, partitions(hidden), matmul_dtype, *args,
+                     batch_major=batch_major)
     return h, c, ys
   saved_widths = (hidden, 4 * hidden, hidden, hidden)
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
@@ -399,20 +413,23 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matm
   return (dh, dc), dz
 
 
-def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtype=None):
+def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtype=None,
+                batch_major=False):
   """``(h_T, ys)``: :func:`seqjax.fused.gru_scan` without gradients, on the kernel.
 
   With ``save``, returns ``((h_T, ys), saved)``: ``saved`` is what the backward
   pass reads, ``(hs, px, ph, zs)`` as ``seqjax.fused``'s own forward saves them
-  (zero factors on held steps).
+  (zero factors on held steps). ``batch_major``: as for :func:`lstm_forward`.
   """
   hidden = h0.shape[-1]
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
-  (time, batch, _), carry = xs.shape, h0.shape
+  time, batch, ys_shape = _sequence(xs, hidden, save, batch_major)
+  carry = h0.shape
   args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
-  shapes = [(time, batch, hidden), carry]
+  shapes = [ys_shape, carry]
   if not save:
-    ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args)
+    ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args,
+                  batch_major=batch_major)
     return h, ys
   saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
   ys, h, *saved = _call("seqjax_gru_forward_saving",

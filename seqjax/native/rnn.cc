@@ -260,12 +260,12 @@ inline __mmask16 first_lanes(long n) {
   return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// Rows of a [B, K] (K apart) rounded to bfloat16, as pairs: rows units(K)
+// Rows of a [B, K] (lda apart) rounded to bfloat16, as pairs: rows units(K)
 // units apart, in out. Returns out, as the matmul's operand.
-const float* as_pairs(long B, const float* a, long K, float* out) {
+const float* as_pairs(long B, const float* a, long K, long lda, float* out) {
   const long U = units(K, true);
   for (long r = 0; r < B; ++r) {
-    const float* from = a + r * K;
+    const float* from = a + r * lda;
     uint16_t* to = reinterpret_cast<uint16_t*>(out + r * U);
     for (long k = 0; k < K; k += 16) {
       const __mmask16 live = first_lanes(K - k);
@@ -276,10 +276,11 @@ const float* as_pairs(long B, const float* a, long K, float* out) {
   return out;
 }
 
-// A matmul's left operand, rows a [B, K]: as it is, or (bf16) rounded to
-// pairs in buffer `pairs` (B units(K) units).
-const float* operand(bool bf16, long B, const float* a, long K, float* pairs) {
-  return bf16 ? as_pairs(B, a, K, pairs) : a;
+// A matmul's left operand, rows a [B, K] (lda apart; 0: K): as it is, or
+// (bf16) rounded to pairs in buffer `pairs` (B units(K) units, rows
+// units(K) apart).
+const float* operand(bool bf16, long B, const float* a, long K, float* pairs, long lda = 0) {
+  return bf16 ? as_pairs(B, a, K, lda ? lda : K, pairs) : a;
 }
 
 // int8 matmuls (lstm_sample's matmul_dtype="int8", seqjax.fused.int8_matmul):
@@ -452,14 +453,15 @@ enum Units { kF32, kBf16, kInt8 };
 
 // z[0:M, 0:16 V] = b + a1 w1 + a2 w2 (K1 and K2 units deep; K2 may be 0)
 // for M rows (<= kRows) and V panels of 16 columns (panel v of w at w + v S,
-// row k at + 16 k); rows of a and z are K and N apart, rows of b ldb apart
+// row k at + 16 k); rows of a1 lda1 apart, of a2 K2, of z N, rows of b ldb apart
 // (0: one bias row for all). U: what the units hold; for kInt8 the sums are
 // integers, scaled by the rows' s_a (rs) and the columns' s_w (q: see the
 // int8 matmuls, above). M and V are template arguments so the accumulators
 // stay in registers.
 template <Units U, int M, int V>
-void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, const float* w2,
-          long S, long N, const float* b, long ldb, const float* q, const float* rs, float* z) {
+void tile(const float* a1, long lda1, long K1, const float* w1, const float* a2, long K2,
+          const float* w2, long S, long N, const float* b, long ldb, const float* q,
+          const float* rs, float* z) {
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
@@ -484,7 +486,7 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
       }
     }
   };
-  rank1(a1, K1, K1, w1);
+  rank1(a1, lda1, K1, w1);
   rank1(a2, K2, K2, w2);
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
@@ -494,8 +496,8 @@ void tile(const float* a1, long K1, const float* w1, const float* a2, long K2, c
     }
 }
 
-using Tile = void (*)(const float*, long, const float*, const float*, long, const float*, long,
-                      long, const float*, long, const float*, const float*, float*);
+using Tile = void (*)(const float*, long, long, const float*, const float*, long, const float*,
+                      long, long, const float*, long, const float*, const float*, float*);
 template <Units U, int V>
 constexpr Tile kTiles[kRows + 1] = {nullptr,         tile<U, 1, V>, tile<U, 2, V>,
                                     tile<U, 3, V>,   tile<U, 4, V>, tile<U, 5, V>,
@@ -514,7 +516,7 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,         tile<U, 1, V>, tile<U, 2, V
 template <Units U>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
             const float* w2, long S, long N, const float* b, long ldb, const float* q,
-            const float* rs, float* z, long ldz) {
+            const float* rs, float* z, long ldz, long lda1) {
   const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
   for (long n0 = 0; n0 < N;) {
     long v = wide;
@@ -526,7 +528,7 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
                          : v == 4 ? kTiles<U, 4>
                          : v == 2 ? kTiles<U, 2>
                                   : kTiles<U, 1>)[m];
-      tile(a1 + r0 * K1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz,
+      tile(a1 + r0 * lda1, lda1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz,
            b + r0 * ldb + n0, ldb, q ? q + 2 * n0 : nullptr, rs ? rs + r0 : nullptr,
            z + r0 * ldz + n0);
     }
@@ -535,12 +537,13 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
 }
 
 // Rows of z N apart, unless ldz says otherwise; one bias row b, unless ldb
-// gives the distance between rows of b.
+// gives the distance between rows of b; rows of a1 K1 apart, unless lda1
+// says otherwise.
 void matmul(bool bf16, long B, const float* a1, long K1, const float* w1, const float* a2,
             long K2, const float* w2, long S, long N, const float* b, float* z, long ldz = 0,
-            long ldb = 0) {
+            long ldb = 0, long lda1 = 0) {
   (bf16 ? matmul<kBf16> : matmul<kF32>)(B, a1, K1, w1, a2, K2, w2, S, N, b, ldb, nullptr,
-                                        nullptr, z, ldz ? ldz : N);
+                                        nullptr, z, ldz ? ldz : N, lda1 ? lda1 : K1);
 }
 
 // valid / resets flags, either of which may be absent.
@@ -550,6 +553,17 @@ struct Flags {
   long T, B;
   bool live(long t, long r) const { return !valid || valid[t * B + r]; }
   bool reset(long t, long r) const { return resets && t < T && resets[t * B + r]; }
+};
+
+// The forward loops' xs and ys: time-major [T, B, ...], or batch-major
+// [B, T, ...] (the drivers' default layout, read and written in place of two
+// transposes). row(t, r): where step t's row r starts, in rows; a step's
+// rows lie stride() rows apart.
+struct Layout {
+  long T, B;
+  bool batch_major;
+  long row(long t, long r) const { return batch_major ? r * T + t : t * B + r; }
+  long stride() const { return batch_major ? T : 1; }
 };
 
 Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, long B) {
@@ -636,14 +650,17 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
 ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
                 ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& h0,
                 ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::U8>& valid,
-                ffi::Buffer<ffi::U8>& resets, int64_t partitions, bool bf16, float* Y, float* HT,
-                float* C, float* const* saves) {
+                ffi::Buffer<ffi::U8>& resets, int64_t partitions, bool bf16, bool batch_major,
+                float* Y, float* HT, float* C, float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
-        "seqjax lstm_forward: expected xs [T,B,D], w_x [D,4H], w_h [H,4H], h0 [B,H]");
+        "seqjax lstm_forward: expected xs [T,B,D] ([B,T,D] batch-major), w_x [D,4H], "
+        "w_h [H,4H], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
+  const long T = xd[batch_major], B = xd[!batch_major], D = xd[2], H = h0.dimensions()[1];
+  const long P = partitions;
+  const Layout io{T, B, batch_major};
   const long Hp = partition_units(H, P), N = 4 * Hp;
   const long Du = units(D, bf16), Hu = units(H, bf16), K = Du + Hu;  // packed rows
   if (wxd[0] != D || wxd[1] != 4 * H || whd[0] != H || whd[1] != 4 * H ||
@@ -680,13 +697,15 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
     // bf16: this partition's own copy of the step's operands, rounded
-    const float* x = operand(bf16, B, X + t * B * D, D, pairs.data() + p * B * K);
+    const long lda = io.stride() * D;
+    const float* x = operand(bf16, B, X + io.row(t, 0) * D, D, pairs.data() + p * B * K, lda);
     const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * K + B * Du);
-    matmul(bf16, B, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z);
+    matmul(bf16, B, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z, 0, 0,
+           bf16 ? Du : lda);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
-      const long off = r * H + p * Hp, at = t * B * H + off;
+      const long off = r * H + p * Hp, at = t * B * H + off, y_at = io.row(t, r) * H + p * Hp;
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
         __m512 c = _mm512_loadu_ps(C + off + j), h = _mm512_loadu_ps(hin + off + j);
@@ -715,7 +734,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
           save(saves[2] + at + j, k);
           save(saves[3] + at + j, fs);
         }
-        _mm512_storeu_ps(Y + at + j, y);
+        _mm512_storeu_ps(Y + y_at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = c = _mm512_setzero_ps();
         _mm512_storeu_ps(C + off + j, c);
@@ -732,9 +751,10 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                            ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-                           ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions, bool bf16) {
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, ys->typed_data(),
-              h_out->typed_data(), c_out->typed_data(), nullptr);
+                           ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions, bool bf16,
+                           bool batch_major) {
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major,
+              ys->typed_data(), h_out->typed_data(), c_out->typed_data(), nullptr);
 }
 
 ffi::Error LstmForwardSavingImpl(
@@ -747,7 +767,7 @@ ffi::Error LstmForwardSavingImpl(
     bool bf16) {
   float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
                            fs->typed_data()};
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, ys->typed_data(),
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, false, ys->typed_data(),
               h_out->typed_data(), c_out->typed_data(), saves);
 }
 
@@ -846,13 +866,16 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
 ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffer<ffi::F32>& w_h,
                ffi::Buffer<ffi::F32>& bx, ffi::Buffer<ffi::F32>& bh, ffi::Buffer<ffi::F32>& h0,
                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, int64_t partitions,
-               bool bf16, float* Y, float* HT, float* const* saves) {
+               bool bf16, bool batch_major, float* Y, float* HT, float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
-        "seqjax gru_forward: expected xs [T,B,D], w_x [D,3H], w_h [H,3H], h0 [B,H]");
+        "seqjax gru_forward: expected xs [T,B,D] ([B,T,D] batch-major), w_x [D,3H], "
+        "w_h [H,3H], h0 [B,H]");
   }
-  const long T = xd[0], B = xd[1], D = xd[2], H = h0.dimensions()[1], P = partitions;
+  const long T = xd[batch_major], B = xd[!batch_major], D = xd[2], H = h0.dimensions()[1];
+  const long P = partitions;
+  const Layout io{T, B, batch_major};
   const long Hp = partition_units(H, P), N = 3 * Hp;
   if (wxd[0] != D || wxd[1] != 3 * H || whd[0] != H || whd[1] != 3 * H ||
       static_cast<long>(bx.element_count()) != 3 * H ||
@@ -890,15 +913,18 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
     // bf16: this partition's own copy of the step's operands, rounded
-    const float* x = operand(bf16, B, X + t * B * D, D, pairs.data() + p * B * (Du + Hu));
+    const long lda = io.stride() * D;
+    const float* x = operand(bf16, B, X + io.row(t, 0) * D, D, pairs.data() + p * B * (Du + Hu),
+                             lda);
     const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * (Du + Hu) + B * Du);
-    matmul(bf16, B, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N, zx);
+    matmul(bf16, B, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N, zx, 0, 0,
+           bf16 ? Du : lda);
     matmul(bf16, B, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N, zh);
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* xr = zx + r * N;
       const float* hr = zh + r * N;
-      const long off = r * H + p * Hp, at = t * B * H + off;
+      const long off = r * H + p * Hp, at = t * B * H + off, y_at = io.row(t, r) * H + p * Hp;
       const long wide = 3 * (t * B * H + r * H) + p * Hp;  // [T, B, 3H] row, own units
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
@@ -931,7 +957,7 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
           save(saves[2] + wide + 2 * H + j, ar);
           save(saves[3] + at + j, zs);
         }
-        _mm512_storeu_ps(Y + at + j, y);
+        _mm512_storeu_ps(Y + y_at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = _mm512_setzero_ps();
         _mm512_storeu_ps(hnext + off + j, h);
@@ -947,9 +973,9 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                           ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-                          int64_t partitions, bool bf16) {
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, ys->typed_data(),
-             h_out->typed_data(), nullptr);
+                          int64_t partitions, bool bf16, bool batch_major) {
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major,
+             ys->typed_data(), h_out->typed_data(), nullptr);
 }
 
 ffi::Error GruForwardSavingImpl(
@@ -961,7 +987,7 @@ ffi::Error GruForwardSavingImpl(
     ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16) {
   float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
                            zs->typed_data()};
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, ys->typed_data(),
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, false, ys->typed_data(),
              h_out->typed_data(), saves);
 }
 
@@ -1271,7 +1297,8 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     auto int8_matmul = [&](const float* a, const float* w_l, const float* q_l, const float* b,
                            long ldb) {
       const float* a_q = as_quads(B, a, H, pair, rs);
-      matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, z, N);
+      matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, z, N,
+                    Hu);
     };
     if (l == 0) {  // draw the token; its row of the table starts the sums
       int32_t* tokens = drawn.data() + p * B;
@@ -1358,7 +1385,9 @@ auto GruForwardBinding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl, Attributes(LstmForwardBinding()));
+// The plain forward loops also take `batch_major` (xs [B, T, D], ys [B, T, H]).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
+                              Attributes(LstmForwardBinding()).Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
                               Attributes(LstmForwardBinding()
@@ -1382,7 +1411,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
                                   .Ret<ffi::Buffer<ffi::F32>>()));  // dc_0
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl, Attributes(GruForwardBinding()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
+                              Attributes(GruForwardBinding()).Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
                               Attributes(GruForwardBinding()
