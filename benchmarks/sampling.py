@@ -125,7 +125,7 @@ def main(argv=None):
       fns["native"] = sampler(cell, "native", length, batch)
       if native._bf16("bfloat16"):
         fns["native_bf16"] = sampler(bf16_cell, "native_bf16", length, batch)
-      if "avx512_vnni" in native._cpu_flags():
+      if native._int8("int8"):
         fns["native_int8"] = sampler(int8_cell, "native_int8", length, batch)
     for variant, fn in fns.items():
       tokens[variant] = jax.block_until_ready(fn(params, jax.random.key(1)))

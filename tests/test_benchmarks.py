@@ -118,7 +118,7 @@ def test_sampling(tmp_path):
   variants = ["plain", "table", "table_bf16", "table_int8"]
   if payload["config"]["seqjax_native"] == "ready":
     variants += ["native"] + ["native_bf16"] * bool(native._bf16("bfloat16"))
-    variants += ["native_int8"] * ("avx512_vnni" in native._cpu_flags())
+    variants += ["native_int8"] * bool(native._int8("int8"))
   assert {(r["variant"], r["batch"]) for r in rows} == {(v, b) for v in variants for b in batches}
   for r in rows:
     for key in ("tokens_per_s", "gflops", "fraction_of_peak", "weight_gb_per_s"):

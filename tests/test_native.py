@@ -782,4 +782,4 @@ def test_sampling_too_short_to_repay_the_pack_is_not_usable():
     assert not usable(64)
   noise = jnp.zeros((64, 1, 11), jnp.float32)
   int8 = native.sample_usable(table, params, head, carry, noise, "int8")
-  assert int8 == ("avx512_vnni" in native._cpu_flags())
+  assert int8 == ("avx512_vnni" in CPU_FLAGS)

@@ -197,9 +197,13 @@ def _bf16(matmul_dtype) -> bool | None:
   return None
 
 
-def _int8(matmul_dtype) -> bool:
-  """Whether ``matmul_dtype`` asks for :func:`lstm_sample`'s int8 matmuls."""
-  return matmul_dtype is not None and jnp.dtype(matmul_dtype) == jnp.int8
+def _int8(matmul_dtype) -> bool | None:
+  """Whether :func:`lstm_sample`'s matmuls are int8 for this ``matmul_dtype``
+  (int8: yes; others: no), or ``None`` if the CPU cannot run them (no
+  AVX512_VNNI): as :func:`_bf16` for bfloat16."""
+  if matmul_dtype is None or jnp.dtype(matmul_dtype) != jnp.int8:
+    return False
+  return True if "avx512_vnni" in _cpu_flags() else None
 
 
 def usable(params, xs, carry, matmul_dtype) -> bool:
@@ -228,9 +232,10 @@ def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
   """
   if noise.ndim != 3:
     return False
-  if _int8(matmul_dtype):
-    if "avx512_vnni" not in _cpu_flags():
-      return False
+  int8 = _int8(matmul_dtype)
+  if int8 is None:
+    return False
+  if int8:
     matmul_dtype = None  # the rest of the rule as for float32
   arrays = (table, *head, noise, *(a for p in layers for a in p.values()),
             *(a for c in carry for a in c))
@@ -475,14 +480,13 @@ def lstm_sample(table, layers, head, carry, logits, noise, temperature=1.0, matm
   the last token, and ``tokens [B, T]`` int32.
 
   ``matmul_dtype``: the cells' (``None``, float32 or bfloat16), or ``"int8"``:
-  the LSTM layers' matmuls in int8 (AVX512_VNNI), each weight column scaled
-  to int8 and each h rounded to a multiple of 1/127, the sums exact
-  (:func:`seqjax.decoding.int8_matmul` states it in XLA); the table, the gate
-  math and the read-out stay float32.
+  the LSTM layers' matmuls in int8 (AVX512_VNNI), each row of h and each
+  weight column scaled to int8, the sums exact (:func:`seqjax.fused.int8_matmul`
+  states it in XLA); the table, the gate math and the read-out stay float32.
   """
   (time, batch, _), hidden = noise.shape, table.shape[-1] // 4
   int8 = _int8(matmul_dtype)
-  if int8 and "avx512_vnni" not in _cpu_flags():
+  if int8 is None:
     raise ValueError("seqjax.native.lstm_sample: int8 matmuls need a CPU with AVX512_VNNI, "
                      "and this one has none")
   args = [a for p, (h, c) in zip(layers, carry) for a in (p["w_x"], p["w_h"], p["b"], h, c)]

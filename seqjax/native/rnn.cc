@@ -351,32 +351,26 @@ const float* as_quads(long B, const float* a, long K, float* out, float* scales)
   return out;
 }
 
-// A panel of 16 columns, rows row1(0) ... row1(K1 - 1) then row2(0) ...
-// row2(K2 - 1) (16 floats each), scaled by the columns' s_w and rounded to
-// int8 quads at `to` (quads(K1) rows, then quads(K2)); the panel's s_w and
-// corrections at q. Returns the panel's end.
-template <class Row1, class Row2>
-float* panel_int8(long K1, const Row1& row1, long K2, const Row2& row2, float* to, float* q) {
+// A panel of 16 columns, rows row(0) ... row(K - 1) (16 floats each), scaled
+// by the columns' s_w and rounded to int8 quads at `to` (quads(K) rows); the
+// panel's s_w and corrections at q. Returns the panel's end.
+template <class Row>
+float* panel_int8(long K, const Row& row, float* to, float* q) {
   __m512 top = _mm512_setzero_ps();
-  for (long k = 0; k < K1; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row1(k)));
-  for (long k = 0; k < K2; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row2(k)));
+  for (long k = 0; k < K; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row(k)));
   const __m512 scale = int8_scale(top);
   __m512i colsum = _mm512_setzero_si512();
-  auto rows = [&](long K, const auto& row) {
-    for (long k = 0; k < K; k += 4) {
-      __m512i quad = _mm512_setzero_si512();
-      for (long j = 0; j < 4 && k + j < K; ++j) {
-        const __m512i wq = _mm512_cvtps_epi32(_mm512_div_ps(row(k + j), scale));
-        colsum = _mm512_add_epi32(colsum, wq);
-        const __m512i byte = _mm512_and_si512(wq, _mm512_set1_epi32(0xff));
-        quad = _mm512_or_si512(quad, _mm512_slli_epi32(byte, static_cast<unsigned>(8 * j)));
-      }
-      _mm512_storeu_si512(to, quad);
-      to += 16;
+  for (long k = 0; k < K; k += 4) {
+    __m512i quad = _mm512_setzero_si512();
+    for (long j = 0; j < 4 && k + j < K; ++j) {
+      const __m512i wq = _mm512_cvtps_epi32(_mm512_div_ps(row(k + j), scale));
+      colsum = _mm512_add_epi32(colsum, wq);
+      const __m512i byte = _mm512_and_si512(wq, _mm512_set1_epi32(0xff));
+      quad = _mm512_or_si512(quad, _mm512_slli_epi32(byte, static_cast<unsigned>(8 * j)));
     }
-  };
-  rows(K1, row1);
-  rows(K2, row2);
+    _mm512_storeu_si512(to, quad);
+    to += 16;
+  }
   _mm512_storeu_ps(q, scale);
   _mm512_storeu_si512(q + 16, _mm512_slli_epi32(colsum, 7));  // 128 sum_k wq
   return to;
@@ -406,19 +400,20 @@ float* panel(long K, bool bf16, const Row& row, float* to) {
 // Partition p's columns of w1 [K1, G H] stacked over w2 [K2, G H] (the
 // partition's Hp units of each of the G gate blocks, blocks in order), in
 // panels of 16 columns: out [G Hp / 16, units(K1) + units(K2), 16]; with q,
-// as int8 quads instead ([G Hp / 16, quads(K1) + quads(K2), 16]), each
-// panel's s_w and corrections at q [G Hp / 16, 32].
+// w1 alone (K2 = 0: int8 scales each matrix on its own) as int8 quads
+// instead ([G Hp / 16, quads(K1), 16]), each panel's s_w and corrections at
+// q [G Hp / 16, 32].
 void pack_columns(const float* w1, long K1, const float* w2, long K2, long G, long H, long Hp,
                   long p, bool bf16, float* out, float* q = nullptr) {
   const long per_block = Hp / 16, width = G * H;
-  const long K = q ? quads(K1) + quads(K2) : units(K1, bf16) + units(K2, bf16);
+  const long K = q ? quads(K1) : units(K1, bf16) + units(K2, bf16);
   for (long j = 0; j < G * per_block; ++j) {
     const long col = j / per_block * H + p * Hp + j % per_block * 16;
     float* to = out + j * K * 16;
     auto row1 = [&](long k) { return _mm512_loadu_ps(w1 + k * width + col); };
     auto row2 = [&](long k) { return _mm512_loadu_ps(w2 + k * width + col); };
     if (q) {
-      panel_int8(K1, row1, K2, row2, to, q + 32 * j);
+      panel_int8(K1, row1, to, q + 32 * j);
     } else {
       panel(K2, bf16, row2, panel(K1, bf16, row1, to));
     }
