@@ -125,8 +125,16 @@ def measure(variant: str, steps: int, hidden: int, batch: int, chunk: int, max_g
 
 
 def _worker(argv) -> None:
-  """``--worker JSON``: measures one configuration and prints its row."""
-  print(json.dumps(measure(**json.loads(argv[argv.index("--worker") + 1]))))
+  """``--worker JSON``: measures one configuration and prints its row.
+
+  The process keeps the memory it frees for reuse, as ``seqjax train`` does
+  (:func:`seqjax.native.reuse_freed_memory`, before JAX starts its threads);
+  the row records whether that applied."""
+  from seqjax import native  # noqa: PLC0415 - the worker's own process
+
+  reuse = native.reuse_freed_memory()
+  row = measure(**json.loads(argv[argv.index("--worker") + 1]))
+  print(json.dumps(dict(row, reuse_freed_memory=reuse)))
 
 
 def _gib(n: float) -> str:

@@ -1,6 +1,6 @@
 """Scan against unrolled recurrence: compile time and run time against sequence length.
 
-    python benchmarks/scan_vs_unroll.py            # ~15 minutes on 2 CPU cores
+    python benchmarks/scan_vs_unroll.py            # ~30 minutes on 2 CPU cores
     python benchmarks/scan_vs_unroll.py --quick --out /tmp/svu.json
 
 For Elman, LSTM and GRU (B=16, D=H=128) and T in {16, 64, 256, 1024, 4096} it
@@ -11,6 +11,9 @@ the fully unrolled Python loop (``seqjax.unroll``):
   function each time, so nothing is cached);
 - forward time and training time (value and gradient of mean(ys ** 2) with
   respect to the parameters): the median of repeated calls after compiling.
+
+The process keeps the memory it frees for reuse (``native.reuse_freed_memory``,
+as ``seqjax train`` and the other benchmarks do).
 
 Writes JSON and two PNGs: run time vs T and compile time vs T, one panel per cell.
 """
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import seqjax
-from seqjax import cells
+from seqjax import cells, native
 
 CELLS = {"elman": cells.Elman, "lstm": cells.LSTM, "gru": cells.GRU}
 LENGTHS = (16, 64, 256, 1024, 4096)
@@ -88,6 +91,7 @@ def plot(results, folder):
 
 
 def main(argv=None):
+  reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "scan_vs_unroll")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
@@ -109,7 +113,7 @@ def main(argv=None):
               f"{row['train_s'] * 1e3:.2f} ms (compile {row['train_compile_s']:.2f} s), "
               f"forward {row['forward_s'] * 1e3:.2f} ms", flush=True)
   config = dict(lengths=lengths, unrolls=unrolls, B=batch, D=hidden, H=hidden,
-                repeats=repeats, full_unroll_max_t=full_max)
+                repeats=repeats, full_unroll_max_t=full_max, reuse_freed_memory=reuse)
   common.write(args.out, "scan_vs_unroll", config, results)
   plot(results, args.plots or args.out.parent)
 

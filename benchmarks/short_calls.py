@@ -15,7 +15,8 @@ launch to both paths, which hides the kernel's fixed costs. Each row has
 both paths' tokens/s, the paired ratio kernel / XLA, and
 ``rule_picks_kernel``: what ``usable`` chooses for such a call. A row where
 the ratio is below 1 and the rule picks the kernel (or the reverse) is a
-call the rule gets wrong.
+call the rule gets wrong. The process keeps the memory it frees for reuse
+(``native.reuse_freed_memory``, as ``seqjax train`` and the other benchmarks do).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def runs(kind, batch, depth, hidden, steps, calls):
 
 
 def main(argv=None):
+  reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "short_calls")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
@@ -101,7 +103,7 @@ def main(argv=None):
   config = dict(sizes=sizes, steps=steps_list, calls_in_loop=calls, rounds=rounds,
                 timed_per_round=per_round,
                 threads=native.threads(), min_steps=native._MIN_STEPS,
-                weights_per_row_step=native._WEIGHTS_PER_ROW_STEP)
+                weights_per_row_step=native._WEIGHTS_PER_ROW_STEP, reuse_freed_memory=reuse)
   common.write(args.out, "short_calls", config, results)
 
 

@@ -107,6 +107,7 @@ def test_scan_vs_unroll(tmp_path):
     for key in ("forward_s", "train_s", "forward_compile_s", "train_compile_s",
                 "forward_tokens_per_s", "train_tokens_per_s"):
       assert _positive(r[key]), (key, r)
+  assert payload["config"]["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   for name in ("scan_vs_unroll_time.png", "scan_vs_unroll_compile.png"):
     assert (tmp_path / name).stat().st_size > 1000
 
@@ -203,6 +204,8 @@ def test_memory(tmp_path):
     _spread(r["step_s"])
     assert r["peak_rss_bytes"] >= r["rss_before_step_bytes"] > 0
     assert math.isfinite(r["loss"])
+    # Each worker keeps its freed memory for reuse, as seqjax train does.
+    assert r["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   # Same arithmetic: the same loss; at the longer T, a smaller plan with remat.
   by = {(r["variant"], r["T"]): r for r in rows}
   longest = max(payload["config"]["steps"])
@@ -227,4 +230,5 @@ def test_short_calls(tmp_path):
     assert r["weights"] == (r["D"] + r["H"] + 1) * gates * r["H"] + (r["cell"] == "gru") * r["H"]
     assert r["rule_picks_kernel"] == (r["T"] >= config["min_steps"] and r["T"] * r["B"]
                                       * config["weights_per_row_step"] >= r["weights"])
+  assert config["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   assert "kernel/XLA" in out
