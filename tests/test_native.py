@@ -627,6 +627,8 @@ def test_reuse_freed_memory_stops_xla_faulting_its_buffers_in_on_every_call():
   assert default > 1_000 and kept < default / 10, (default, kept)
 
 
+# ~7 s (six fresh processes): the slow run, for the default suite's budget.
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
   """A jitted function whose temporaries are one 65 MB block: glibc maps a

@@ -27,6 +27,8 @@ def _run_devices(n, out):
   return np.load(out), done.stdout
 
 
+# ~12 s (a process with 8 host devices): the slow run, for the default suite's budget.
+@pytest.mark.slow
 def test_eight_devices_equal_one_device_on_the_same_global_batch(tmp_path):
   one, one_out = _run_devices(1, tmp_path / "one.npz")
   eight, eight_out = _run_devices(8, tmp_path / "eight.npz")
