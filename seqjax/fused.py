@@ -232,7 +232,7 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False
   def xla(params, xs, *rest):
     h, c, ys = _forward(params, _time_major(xs, batch_major), *rest, False, matmul_dtype)[0]
     return h, c, _time_major(ys, batch_major)
-  return _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype),
+  return _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype, batch_major),
                         functools.partial(native.lstm_forward, matmul_dtype=matmul_dtype,
                                           batch_major=batch_major),
                         xla, params, xs, h0, c0, valid, resets)
@@ -362,7 +362,7 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major=False):
   def xla(params, xs, *rest):
     h, ys = _gru_forward(params, _time_major(xs, batch_major), *rest, False, matmul_dtype)[0]
     return h, _time_major(ys, batch_major)
-  return _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype),
+  return _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype, batch_major),
                         functools.partial(native.gru_forward, matmul_dtype=matmul_dtype,
                                           batch_major=batch_major),
                         xla, params, xs, h0, valid, resets)

@@ -572,8 +572,9 @@ def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
 def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
   """Packing the weights costs more than a short call gains: one step at a time
   (a sampler's loop) stays on XLA, and a call needs T B >= weights / 2^15."""
-  def lowers_a_kernel(params, xs, *carry):
-    text = _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
+  def lowers_a_kernel(params, xs, *carry, batch_major=False):
+    text = _lowered(lambda *a: _scan(kind)(*a, None, None, None, batch_major), params, xs,
+                    *carry)
     return any(t in text for t in TARGETS)
 
   weights = sum(a.size for a in _problem(1, 1, 512, 512, kind=kind)[0].values())
@@ -588,6 +589,10 @@ def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
     params, xs, *carry = _problem(b, t, d, h, kind=kind)
     assert native.usable(params, xs, carry, None) == want, (b, t, d, h)
     assert lowers_a_kernel(params, xs, *carry) == want, (b, t, d, h)
+    # Batch-major xs [B, T, D] (seqjax.scan's default): the same steps, the same choice.
+    xs = jnp.swapaxes(xs, 0, 1)
+    assert native.usable(params, xs, carry, None, batch_major=True) == want, (b, t, d, h)
+    assert lowers_a_kernel(params, xs, *carry, batch_major=True) == want, (b, t, d, h)
 
 
 # Page faults per call of a jitted f(x), in the scripts below (fresh processes).

@@ -206,7 +206,12 @@ def _int8(matmul_dtype) -> bool | None:
   return True if "avx512_vnni" in _cpu_flags() else None
 
 
-def usable(params, xs, carry, matmul_dtype) -> bool:
+def _time_and_batch(xs, batch_major: bool) -> tuple[int, int]:
+  """``(T, B)`` of ``xs``, time-major ``[T, B, ...]`` or ``batch_major`` ``[B, T, ...]``."""
+  return tuple(xs.shape[:2][::-1]) if batch_major else tuple(xs.shape[:2])
+
+
+def usable(params, xs, carry, matmul_dtype, batch_major=False) -> bool:
   """Whether the kernels can run this call (forward or reverse loop).
 
   That is: float32 parameters, inputs and ``carry`` (a tuple of arrays, [B, H] first),
@@ -214,11 +219,12 @@ def usable(params, xs, carry, matmul_dtype) -> bool:
   CPU backend, a hidden size it splits, a call long enough to repay packing the
   weights (at least ``_MIN_STEPS``, 4, steps, and
   T B >= weights / 2^15), the kernels built, and not inside :func:`disabled`.
+  ``xs`` is time-major ``[T, B, D]``, or ``[B, T, D]`` if ``batch_major``.
   """
   h0 = carry[0]
   if xs.ndim != 3 or h0.ndim != 2:
     return False
-  return _runs((*params.values(), xs, *carry), matmul_dtype, *xs.shape[:2],
+  return _runs((*params.values(), xs, *carry), matmul_dtype, *_time_and_batch(xs, batch_major),
                sum(a.size for a in params.values()), h0.shape[-1])
 
 
@@ -374,7 +380,7 @@ def _sequence(xs, hidden, save, batch_major):
   or ``batch_major`` ``[B, T, D]`` (the plain loops only: the saves are time-major)."""
   if batch_major and save:
     raise ValueError("seqjax.native: batch_major is for the plain forward loops (save=False)")
-  time, batch = xs.shape[:2][::-1] if batch_major else xs.shape[:2]
+  time, batch = _time_and_batch(xs, batch_major)
   return time, batch, (batch, time, hidden) if batch_major else (time, batch, hidden)
 
 
