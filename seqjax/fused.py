@@ -20,8 +20,12 @@ Semantics are those of :func:`seqjax.recurrence.scan` on
 including ``valid`` (hold the carry, emit zeros) and ``resets`` (the carry
 returns to zeros before the step). Everything here is time-major: [T, B, ...],
 except that ``lstm_scan`` and ``gru_scan`` also take batch-major ``xs`` (and
-return ``ys`` so), which the native forward kernels read and write in place,
-sparing two transposes in inference. The scan driver uses these functions by
+return ``ys`` so), which the native kernels read and write in place: on
+them, what a batch-major call's gradient passes between the kernels and XLA
+(the saved h, the GRU's gate factors, the gate gradients, the input
+gradients) is batch-major too, since the weight gradients' sums over all
+rows take the rows in any order, so neither inference nor a gradient
+transposes a sequence. The XLA loops are time-major. The scan driver uses these functions by
 default (``unroll=1``); other ``unroll`` values and the other drivers run the
 cells' ``step``.
 
@@ -51,6 +55,7 @@ Notes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -213,6 +218,34 @@ def _time_major(a, batch_major: bool):
   return jnp.swapaxes(a, 0, 1) if batch_major else a
 
 
+def _each_time_major(arrays, batch_major: bool) -> tuple:
+  """:func:`_time_major` of each of ``arrays``."""
+  return tuple(_time_major(a, batch_major) for a in arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saved:
+  """A forward pass's residuals for its backward pass: ``xs`` and what the
+  forward saved, ``[B, T, ...]`` if ``batch_major`` (a batch-major call on
+  the kernels: ``xs`` and what XLA reads after the reverse loop, as
+  :func:`seqjax.native.lstm_forward` saves them), else ``[T, B, ...]``. The
+  layout is static (pytree metadata), so the backward pass reads the
+  forward's choice instead of deciding again (inside
+  :func:`seqjax.native.disabled`, say, where it would decide otherwise)."""
+  xs: jax.Array
+  saved: tuple
+  batch_major: bool
+
+
+jax.tree_util.register_dataclass(_Saved, data_fields=["xs", "saved"], meta_fields=["batch_major"])
+
+
+def _keeps_batch_major(use_kernel: bool, batch_major: bool) -> bool:
+  """Whether a gradient's loops run on a batch-major call's own layout: on the
+  kernels, which read and write it in place; the XLA loops are time-major."""
+  return use_kernel and batch_major
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False):
   """``(h_T, c_T, ys)`` of an LSTM over time-major ``xs [T, B, D]``.
@@ -225,9 +258,10 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False
     resets: [T, B] bool or ``None``: the carry returns to zeros before the step.
     matmul_dtype: ``None``, or the dtype matmul operands are rounded to.
     batch_major: ``xs`` is ``[B, T, D]`` and ``ys`` ``[B, T, H]`` (``valid``
-      and ``resets`` stay ``[T, B]``). Inference reads and writes them so on
-      the native kernel, sparing two transposes (1.05-1.17x at B <= 32); a
-      gradient transposes them around the time-major loops.
+      and ``resets`` stay ``[T, B]``). The native kernels read and write them
+      so, sparing two transposes in inference (1.05-1.17x at B <= 32) and
+      four in a gradient; the XLA loops transpose them around time-major
+      loops.
   """
   def xla(params, xs, *rest):
     h, c, ys = _forward(params, _time_major(xs, batch_major), *rest, False, matmul_dtype)[0]
@@ -239,17 +273,29 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False
 
 
 def _lstm_fwd(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major):
-  xs = _time_major(xs, batch_major)
-  (h, c, ys), saved = _kernel_or_xla(native.usable(params, xs, (h0, c0), matmul_dtype),
+  use_kernel = native.usable(params, xs, (h0, c0), matmul_dtype, batch_major)
+  keep = _keeps_batch_major(use_kernel, batch_major)
+  if not keep:
+    xs = _time_major(xs, batch_major)
+
+  def xla(params, xs, *rest):
+    (h, c, ys), (hs, *factors) = _forward(params, _time_major(xs, keep), *rest, True,
+                                          matmul_dtype)
+    return (h, c, _time_major(ys, keep)), (_time_major(hs, keep), *factors)
+  (h, c, ys), saved = _kernel_or_xla(use_kernel,
                                      functools.partial(native.lstm_forward, save=True,
-                                                       matmul_dtype=matmul_dtype),
-                                     lambda *args: _forward(*args, True, matmul_dtype),
-                                     params, xs, h0, c0, valid, resets)
-  return (h, c, _time_major(ys, batch_major)), (params, xs, valid, resets, saved)
+                                                       matmul_dtype=matmul_dtype,
+                                                       batch_major=keep),
+                                     xla, params, xs, h0, c0, valid, resets)
+  ys = ys if keep else _time_major(ys, batch_major)
+  return (h, c, ys), (params, valid, resets, _Saved(xs, saved, keep))
 
 
-def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype):
-  """The backward pass's sequential part: ``((dh_0, dc_0), dz [T, B, 4H])``."""
+def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype,
+                  batch_major=False):
+  """The backward pass's sequential part: ``((dh_0, dc_0), dz [T, B, 4H])``
+  (``dys`` and ``dz`` ``[B, T, ...]`` if ``batch_major``)."""
+  dys = _time_major(dys, batch_major)
   out = ps.dtype
   hidden = w_h.shape[0]
   w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
@@ -277,28 +323,32 @@ def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype)
       dc_in = jnp.where(r, jnp.zeros_like(dc_in), dc_in)
     return (dh_in, dc_in), dz
 
-  return jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets), reverse=True)
+  carry, dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets), reverse=True)
+  return carry, _time_major(dz, batch_major)
 
 
 def _lstm_bwd(matmul_dtype, batch_major, residuals, cotangents):
   if matmul_dtype == "int8":
     raise ValueError(INT8_NO_GRADIENT)
-  params, xs, valid, resets, (hs, ps, ks, fs) = residuals
+  params, valid, resets, residual = residuals
+  xs, (hs, ps, ks, fs), keep = residual.xs, residual.saved, residual.batch_major
   dh_t, dc_t, dys = cotangents
-  dys = _time_major(dys, batch_major)
+  if not keep:
+    dys = _time_major(dys, batch_major)
   w_x, w_h = params["w_x"], params["w_h"]
-  use_kernel = native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype)
+  use_kernel = native.usable(params, xs, (dh_t, dc_t, dys), matmul_dtype, keep)
   (dh0, dc0), dz = _kernel_or_xla(use_kernel,
                                   functools.partial(native.lstm_reverse,
-                                                    matmul_dtype=matmul_dtype),
-                                  lambda *args: _lstm_reverse(*args, matmul_dtype),
+                                                    matmul_dtype=matmul_dtype, batch_major=keep),
+                                  lambda *args: _lstm_reverse(*args, matmul_dtype, keep),
                                   w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
   # The weight and input gradients: one large matmul each, over every step.
   grads = {"w_x": _outer_sum(xs, dz, matmul_dtype, w_x.dtype, use_kernel),
            "w_h": _outer_sum(hs, dz, matmul_dtype, w_h.dtype, use_kernel),
            "b": jnp.sum(dz, axis=(0, 1))}
   dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
-  return _like(grads, params), _time_major(dxs, batch_major), dh0, dc0, None, None
+  dxs = dxs if keep else _time_major(dxs, batch_major)
+  return _like(grads, params), dxs, dh0, dc0, None, None
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
@@ -369,17 +419,27 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major=False):
 
 
 def _gru_fwd(params, xs, h0, valid, resets, matmul_dtype, batch_major):
-  xs = _time_major(xs, batch_major)
-  (h, ys), saved = _kernel_or_xla(native.usable(params, xs, (h0,), matmul_dtype),
+  use_kernel = native.usable(params, xs, (h0,), matmul_dtype, batch_major)
+  keep = _keeps_batch_major(use_kernel, batch_major)
+  if not keep:
+    xs = _time_major(xs, batch_major)
+
+  def xla(params, xs, *rest):
+    (h, ys), (*read_by_xla, zs) = _gru_forward(params, _time_major(xs, keep), *rest, True,
+                                               matmul_dtype)
+    return (h, _time_major(ys, keep)), (*_each_time_major(read_by_xla, keep), zs)
+  (h, ys), saved = _kernel_or_xla(use_kernel,
                                   functools.partial(native.gru_forward, save=True,
-                                                    matmul_dtype=matmul_dtype),
-                                  lambda *args: _gru_forward(*args, True, matmul_dtype),
-                                  params, xs, h0, valid, resets)
-  return (h, _time_major(ys, batch_major)), (params, xs, valid, resets, saved)
+                                                    matmul_dtype=matmul_dtype, batch_major=keep),
+                                  xla, params, xs, h0, valid, resets)
+  ys = ys if keep else _time_major(ys, batch_major)
+  return (h, ys), (params, valid, resets, _Saved(xs, saved, keep))
 
 
-def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype):
-  """The backward pass's sequential part: ``(dh_0, dh_steps [T, B, H])``."""
+def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype, batch_major=False):
+  """The backward pass's sequential part: ``(dh_0, dh_steps [T, B, H])``
+  (``dys``, ``ph`` and ``dh_steps`` ``[B, T, ...]`` if ``batch_major``)."""
+  dys, ph = _each_time_major((dys, ph), batch_major)
   out = ph.dtype
   w_h_t = w_h.T if matmul_dtype is None else w_h.T.astype(matmul_dtype)
 
@@ -395,30 +455,34 @@ def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype):
       dh_in = jnp.where(r_t[:, None], jnp.zeros_like(dh_in), dh_in)
     return dh_in, dh_step
 
-  return jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+  dh, steps = jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+  return dh, _time_major(steps, batch_major)
 
 
 def _gru_bwd(matmul_dtype, batch_major, residuals, cotangents):
   if matmul_dtype == "int8":
     raise ValueError(INT8_NO_GRADIENT)
-  params, xs, valid, resets, (hs, px, ph, zs) = residuals
+  params, valid, resets, residual = residuals
+  xs, (hs, px, ph, zs), keep = residual.xs, residual.saved, residual.batch_major
   dh_t, dys = cotangents
-  dys = _time_major(dys, batch_major)
+  if not keep:
+    dys = _time_major(dys, batch_major)
   w_x, w_h = params["w_x"], params["w_h"]
-  use_kernel = native.usable(params, xs, (dh_t, dys), matmul_dtype)
+  use_kernel = native.usable(params, xs, (dh_t, dys), matmul_dtype, keep)
   dh0, dh_steps = _kernel_or_xla(use_kernel,
                                  functools.partial(native.gru_reverse,
-                                                   matmul_dtype=matmul_dtype),
-                                 lambda *args: _gru_reverse(*args, matmul_dtype),
+                                                   matmul_dtype=matmul_dtype, batch_major=keep),
+                                 lambda *args: _gru_reverse(*args, matmul_dtype, keep),
                                  w_h, dh_t, dys, ph, zs, valid, resets)
-  tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H]
+  tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H] (or [B, T, 3H])
   dxp, dhw = tiled * px, tiled * ph
   hidden = w_h.shape[0]
   grads = {"w_x": _outer_sum(xs, dxp, matmul_dtype, w_x.dtype, use_kernel),
            "w_h": _outer_sum(hs, dhw, matmul_dtype, w_h.dtype, use_kernel),
            "b": jnp.sum(dxp, axis=(0, 1)),
            "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
-  dxs = _time_major(matmul(dxp, w_x.T, matmul_dtype, xs.dtype), batch_major)
+  dxs = matmul(dxp, w_x.T, matmul_dtype, xs.dtype)
+  dxs = dxs if keep else _time_major(dxs, batch_major)
   return _like(grads, params), dxs, dh0, None, None
 
 

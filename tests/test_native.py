@@ -153,22 +153,51 @@ def test_kernel_equals_the_xla_path(kind, b, t, d, h, masks):
     assert not np.any(np.asarray(got[-1])[~valid])
 
 
+# Which of a saving loop's saves follow a batch-major call's layout (what XLA
+# reads after the reverse loop); the rest, read only by the reverse kernels,
+# stay time-major.
+SAVES_BATCH_MAJOR = {"lstm": (True, False, False, False),  # hs; ps, ks, fs
+                     "gru": (True, True, True, False)}  # hs, px, ph; zs
+
+
 @pytest.mark.parametrize("b,t,masks", [(13, 9, "both"), (1, 7, "none"), (4, 0, "none")])
 @pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_major_kernels_equal_the_time_major_ones(kind, matmul_dtype, b, t, masks):
+  """Every loop (plain, saving, reverse) gives the same numbers batch-major,
+  bit for bit, each of its batch-major sequences [B, T, ...] in place of
+  [T, B, ...]."""
   params, xs, *carry = _problem(b, t, 5, 64, kind=kind)
   rng = np.random.default_rng(b * t)
   valid, resets = ((rng.random((t, b)) < p) if masks == "both" else None for p in (0.7, 0.2))
-  run = lambda bm: jax.jit(functools.partial(KERNELS[kind], matmul_dtype=matmul_dtype,
-                                             batch_major=bm))
-  want = run(False)(params, xs, *carry, valid, resets)
-  got = run(True)(params, jnp.swapaxes(xs, 0, 1), *carry, valid, resets)
-  np.testing.assert_array_equal(got[-1], jnp.swapaxes(want[-1], 0, 1))  # ys [B, T, H]
-  for g, w in zip(got[:-1], want[:-1]):
-    np.testing.assert_array_equal(g, w)
-  with pytest.raises(ValueError, match="batch_major is for the plain forward loops"):
-    KERNELS[kind](params, xs, *carry, save=True, batch_major=True)
+  swap = lambda a: jnp.swapaxes(a, 0, 1)
+  layouts = SAVES_BATCH_MAJOR[kind]
+
+  def same(got, want, batch_major):  # got batch-major where batch_major says
+    assert len(got) == len(want) == len(batch_major)
+    for g, w, bm in zip(got, want, batch_major):
+      np.testing.assert_array_equal(g, swap(w) if bm else w)
+
+  run = lambda bm, save=False: jax.jit(functools.partial(
+      KERNELS[kind], save=save, matmul_dtype=matmul_dtype, batch_major=bm))
+  outputs = (False,) * len(carry) + (True,)  # the carry, ys
+  same(run(True)(params, swap(xs), *carry, valid, resets),
+       run(False)(params, xs, *carry, valid, resets), outputs)
+  got, got_saved = run(True, True)(params, swap(xs), *carry, valid, resets)
+  want, saved = run(False, True)(params, xs, *carry, valid, resets)
+  same(got, want, outputs)
+  same(got_saved, saved, layouts)
+
+  dys = jax.random.normal(jax.random.key(5), xs.shape[:2] + (64,), jnp.float32)
+  reads = saved[1:] if kind == "lstm" else saved[2:]  # ps, ks, fs or ph, zs
+  read_layouts = layouts[len(saved) - len(reads):]
+  reverse = native.lstm_reverse if kind == "lstm" else native.gru_reverse
+  run = lambda bm: jax.jit(functools.partial(reverse, matmul_dtype=matmul_dtype, batch_major=bm))
+  got = run(True)(params["w_h"], *carry, swap(dys),
+                  *(swap(a) if bm else a for a, bm in zip(reads, read_layouts)), valid, resets)
+  want = run(False)(params["w_h"], *carry, dys, *reads, valid, resets)
+  # ((dh_0, dc_0), dz) or (dh_0, dh_steps): the gradients' sequence batch-major
+  same(jax.tree.leaves(got), jax.tree.leaves(want), (False,) * len(carry) + (True,))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -181,11 +210,19 @@ def test_batch_major_scans_skip_the_transposes_and_keep_values_and_gradients(kin
   compiled = jax.jit(direct).lower(params, jnp.swapaxes(xs, 0, 1), *carry).compile().as_text()
   assert f'custom_call_target="seqjax_{kind}_forward"' in compiled
   assert "batch_major = true" in compiled and " transpose(" not in compiled
-  # seqjax.scan's default layout, batch-major, goes straight through.
+  # seqjax.scan's default layout, batch-major, goes straight through, and so
+  # does its gradient: the saving and the reverse loops read and write
+  # batch-major, and the weight gradients' products take the rows as they are.
   cell = CELLS[kind](64)
   default = lambda p, x: seqjax.scan(cell, p, x)[1]
   compiled = jax.jit(default).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
   assert "batch_major = true" in compiled and " transpose(" not in compiled
+  step = jax.grad(lambda p, x: jnp.sum(jnp.sin(default(p, x))), argnums=(0, 1))
+  compiled = jax.jit(step).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
+  for target in (f"seqjax_{kind}_forward_saving", f"seqjax_{kind}_reverse"):
+    calls = [line for line in compiled.splitlines() if f'custom_call_target="{target}"' in line]
+    assert calls and all("batch_major = true" in line for line in calls), target
+  assert " transpose(" not in compiled
   as_time_major = lambda out: (*out[:-1], jnp.swapaxes(out[-1], 0, 1))
   loss = lambda bm: lambda p, x, *c: jnp.sum(jnp.sin(run(bm)(p, x, *c)[-1]))
   for path in (contextlib.nullcontext, native.disabled):
@@ -194,8 +231,12 @@ def test_batch_major_scans_skip_the_transposes_and_keep_values_and_gradients(kin
       got = as_time_major(jax.jit(run(True))(params, xs, *carry))
       want_grads = jax.jit(jax.grad(loss(False), argnums=(0, 1, 2)))(params, xs, *carry)
       grads = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(params, xs, *carry)
-    for g, w in zip(jax.tree.leaves((got, grads)), jax.tree.leaves((want, want_grads))):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # The weight gradients sum the same products with the rows in another
+    # order (batch, then time): float32 rounding apart.
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [
@@ -382,7 +423,8 @@ def test_the_kernels_refuse_weights_and_partitions_that_do_not_fit(monkeypatch):
   bad = dict(params, w_h=params["w_h"][:, :-16])  # [H, 4H - 16]
   with pytest.raises(Exception, match="weights do not match D and H"):
     jax.block_until_ready(native.lstm_forward(bad, xs, h0, c0))
-  with pytest.raises(Exception, match=r"expected dys \[T,B,H\], w_h \[H,4H\]"):
+  expected = r"expected dys \[T,B,H\] \(\[B,T,H\] batch-major\), w_h \[H,4H\]"
+  with pytest.raises(Exception, match=expected):
     native.lstm_reverse(params["w_h"][None], h0, c0, xs[..., :1].repeat(64, -1),
                         *(jnp.zeros((4, 2, n), jnp.float32) for n in (256, 64, 64)))
 
@@ -532,18 +574,22 @@ def test_a_fresh_process_starts_its_workers_and_finishes():
 
 
 @pytest.mark.slow  # ~5 s each (the default suite's time budget)
+@pytest.mark.parametrize("batch_major", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_second_derivatives_through_the_kernels_match_float64(kind):
+def test_second_derivatives_through_the_kernels_match_float64(kind, batch_major):
   """Grad of grad in float32 where the kernels run: it differentiates the XLA
-  loops (a kernel has no derivative of its own) instead of failing."""
+  loops (a kernel has no derivative of its own) instead of failing; on a
+  batch-major call's own layout too."""
   params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
   assert native.usable(params, xs, carry, None)
+  xs = jnp.swapaxes(xs, 0, 1) if batch_major else xs
   valid = np.arange(64).reshape(16, 4) % 5 != 2
   resets = np.eye(16, 4, 1, dtype=bool)
   scan = _scan(kind)
 
   def gradient_norm(p, x, *carry):
-    loss = lambda p: jnp.sum(jnp.tanh(scan(p, x, *carry, valid, resets, None)[-1]) ** 2)
+    ys = lambda p: scan(p, x, *carry, valid, resets, None, batch_major)[-1]
+    loss = lambda p: jnp.sum(jnp.tanh(ys(p)) ** 2)
     return sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(loss)(p)))
 
   got = jax.jit(jax.grad(gradient_norm, argnums=(0, 1)))(params, xs, *carry)
@@ -552,6 +598,27 @@ def test_second_derivatives_through_the_kernels_match_float64(kind):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
     assert np.abs(w).max() > 1e-3  # a second derivative that is there to compare
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_backward_pass_reads_its_forward_pass_layout(kind):
+  """A batch-major gradient's residuals are batch-major on the kernels and
+  time-major on the XLA path; the backward pass follows what its forward pass
+  chose, also when the two decide under different settings (a vjp taken
+  inside native.disabled() and applied outside it, or the other way round)."""
+  params, xs, *carry = _problem(6, 20, 5, 64, kind=kind)
+  xs = jnp.swapaxes(xs, 0, 1)
+  run = lambda p, x: _scan(kind)(p, x, *carry, None, None, None, True)[-1]
+  dys = jax.random.normal(jax.random.key(3), xs.shape[:2] + (64,), jnp.float32)
+  want = jax.vjp(run, params, xs)[1](dys)
+  for forward, backward in ((native.disabled, contextlib.nullcontext),
+                            (contextlib.nullcontext, native.disabled)):
+    with forward():
+      _, vjp = jax.vjp(run, params, xs)
+    with backward():
+      got = vjp(dys)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

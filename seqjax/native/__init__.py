@@ -375,13 +375,10 @@ def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
       *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
 
-def _sequence(xs, hidden, save, batch_major):
-  """``(T, B, ys' shape)`` of a forward call on ``xs``, time-major ``[T, B, D]``
-  or ``batch_major`` ``[B, T, D]`` (the plain loops only: the saves are time-major)."""
-  if batch_major and save:
-    raise ValueError("seqjax.native: batch_major is for the plain forward loops (save=False)")
-  time, batch = _time_and_batch(xs, batch_major)
-  return time, batch, (batch, time, hidden) if batch_major else (time, batch, hidden)
+def _steps(time, batch, width, batch_major):
+  """The shape of a sequence of ``width`` features: ``[T, B, width]``, or
+  ``[B, T, width]`` if ``batch_major``."""
+  return (batch, time, width) if batch_major else (time, batch, width)
 
 
 def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul_dtype=None,
@@ -394,11 +391,13 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul
   :func:`usable` first. With ``save``, returns ``((h_T, c_T, ys), saved)``:
   ``saved`` is what the backward pass reads, ``(hs, ps, ks, fs)`` as
   ``seqjax.fused``'s own forward saves them (zero factors on held steps).
-  Without ``save``, ``batch_major`` reads ``xs [B, T, D]`` and writes ``ys [B,
-  T, H]`` (``valid``/``resets`` stay ``[T, B]``).
+  ``batch_major`` reads ``xs [B, T, D]`` and writes ``ys [B, T, H]`` and
+  ``hs [B, T, H]`` (``valid``/``resets`` stay ``[T, B]``; ``ps``, ``ks`` and
+  ``fs``, which only :func:`lstm_reverse` reads, stay time-major).
   """
   hidden = h0.shape[-1]
-  time, batch, ys_shape = _sequence(xs, hidden, save, batch_major)
+  time, batch = _time_and_batch(xs, batch_major)
+  ys_shape = _steps(time, batch, hidden, batch_major)
   carry = h0.shape
   args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
   shapes = [ys_shape, carry, carry]
@@ -406,21 +405,25 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul
     ys, h, c = _call("seqjax_lstm_forward", shapes, partitions(hidden), matmul_dtype, *args,
                      batch_major=batch_major)
     return h, c, ys
-  saved_widths = (hidden, 4 * hidden, hidden, hidden)
+  saved = [(hidden, batch_major), (4 * hidden, False), (hidden, False), (hidden, False)]
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
-                           shapes + [(time, batch, width) for width in saved_widths],
-                           partitions(hidden), matmul_dtype, *args)
+                           shapes + [_steps(time, batch, w, bm) for w, bm in saved],
+                           partitions(hidden), matmul_dtype, *args, batch_major=batch_major)
   return (h, c, ys), tuple(saved)
 
 
-def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matmul_dtype=None):
+def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matmul_dtype=None,
+                 batch_major=False):
   """``((dh_0, dc_0), dz)``: the reverse loop of :func:`seqjax.fused.lstm_scan`'s
   backward pass, on the kernel (``ps``, ``ks``, ``fs``: what its forward saved;
-  ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from)."""
-  time, batch, hidden = dys.shape
-  dz, dh, dc = _call("seqjax_lstm_reverse", [(time, batch, 4 * hidden), dh_t.shape, dh_t.shape],
+  ``dz [T, B, 4H]``: the gate gradients the weight gradients are built from).
+  ``batch_major``: ``dys`` and ``dz`` are ``[B, T, ...]`` (the saves stay
+  time-major)."""
+  (time, batch), hidden = _time_and_batch(dys, batch_major), dys.shape[-1]
+  dz, dh, dc = _call("seqjax_lstm_reverse",
+                     [_steps(time, batch, 4 * hidden, batch_major), dh_t.shape, dh_t.shape],
                      partitions(hidden), matmul_dtype, dh_t, dc_t, dys, ps, ks, fs, w_h,
-                     *_flags(valid, resets))
+                     *_flags(valid, resets), batch_major=batch_major)
   return (dh, dc), dz
 
 
@@ -430,11 +433,13 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtyp
 
   With ``save``, returns ``((h_T, ys), saved)``: ``saved`` is what the backward
   pass reads, ``(hs, px, ph, zs)`` as ``seqjax.fused``'s own forward saves them
-  (zero factors on held steps). ``batch_major``: as for :func:`lstm_forward`.
+  (zero factors on held steps). ``batch_major``: as for :func:`lstm_forward`,
+  ``hs``, ``px`` and ``ph`` ``[B, T, ...]`` and ``zs`` time-major.
   """
   hidden = h0.shape[-1]
   b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
-  time, batch, ys_shape = _sequence(xs, hidden, save, batch_major)
+  time, batch = _time_and_batch(xs, batch_major)
+  ys_shape = _steps(time, batch, hidden, batch_major)
   carry = h0.shape
   args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
   shapes = [ys_shape, carry]
@@ -442,20 +447,25 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtyp
     ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args,
                   batch_major=batch_major)
     return h, ys
-  saved_widths = (hidden, 3 * hidden, 3 * hidden, hidden)
+  saved = [(hidden, batch_major), (3 * hidden, batch_major), (3 * hidden, batch_major),
+           (hidden, False)]
   ys, h, *saved = _call("seqjax_gru_forward_saving",
-                        shapes + [(time, batch, width) for width in saved_widths],
-                        partitions(hidden), matmul_dtype, *args)
+                        shapes + [_steps(time, batch, w, bm) for w, bm in saved],
+                        partitions(hidden), matmul_dtype, *args, batch_major=batch_major)
   return (h, ys), tuple(saved)
 
 
-def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=None):
+def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=None,
+                batch_major=False):
   """``(dh_0, dh_steps)``: the reverse loop of :func:`seqjax.fused.gru_scan`'s
   backward pass, on the kernel (``ph``, ``zs``: what its forward saved;
-  ``dh_steps [T, B, H]``: the gradient reaching each step's output)."""
-  time, batch, hidden = dys.shape
-  steps, dh = _call("seqjax_gru_reverse", [(time, batch, hidden), dh_t.shape], partitions(hidden),
-                    matmul_dtype, dh_t, dys, ph, zs, w_h, *_flags(valid, resets))
+  ``dh_steps [T, B, H]``: the gradient reaching each step's output).
+  ``batch_major``: ``dys``, ``ph`` and ``dh_steps`` are ``[B, T, ...]`` (``zs``
+  stays time-major)."""
+  (time, batch), hidden = _time_and_batch(dys, batch_major), dys.shape[-1]
+  steps, dh = _call("seqjax_gru_reverse", [_steps(time, batch, hidden, batch_major), dh_t.shape],
+                    partitions(hidden), matmul_dtype, dh_t, dys, ph, zs, w_h,
+                    *_flags(valid, resets), batch_major=batch_major)
   return dh, steps
 
 

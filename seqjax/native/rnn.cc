@@ -550,15 +550,20 @@ struct Flags {
   bool reset(long t, long r) const { return resets && t < T && resets[t * B + r]; }
 };
 
-// The forward loops' xs and ys: time-major [T, B, ...], or batch-major
-// [B, T, ...] (the drivers' default layout, read and written in place of two
-// transposes). row(t, r): where step t's row r starts, in rows; a step's
-// rows lie stride() rows apart.
+// The loops' sequences that XLA reads or writes (xs, ys, and for a gradient
+// hs, dys and dz, or the GRU's px, ph and dh_steps): time-major [T, B, ...],
+// or batch-major [B, T, ...] (the drivers' default layout, read and written
+// in place of transposes). row(t, r): where step t's row r starts, in rows; a
+// step's rows lie stride() rows apart. What only the reverse loops read (the
+// LSTM's ps, ks, fs, the GRU's zs) stays time-major (time_major()): a step's
+// rows together, one stretch of memory (batch-major, the LSTM's reverse loop
+// ran about 10 % slower at B = 16, T = 1024, H = 128).
 struct Layout {
   long T, B;
   bool batch_major;
   long row(long t, long r) const { return batch_major ? r * T + t : t * B + r; }
   long stride() const { return batch_major ? T : 1; }
+  Layout time_major() const { return {T, B, false}; }
 };
 
 Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, long B) {
@@ -638,7 +643,8 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
 }
 
 // The LSTM over all steps. With `saves` (hs, ps, ks, fs: [T, B, H], [T, B, 4H],
-// [T, B, H], [T, B, H]) it also writes what seqjax.fused's backward pass reads:
+// [T, B, H], [T, B, H]; hs [B, T, H] batch-major, as xs and ys) it also
+// writes what seqjax.fused's backward pass reads:
 // h_{t-1}; the gate factors g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c_t) o(1-o)
 // (blocks of H, in the unpartitioned column order); o(1 - tanh(c_t)^2); f.
 // Steps that hold the carry save zero factors.
@@ -700,7 +706,8 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     const __m512 one = _mm512_set1_ps(1.f);
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
-      const long off = r * H + p * Hp, at = t * B * H + off, y_at = io.row(t, r) * H + p * Hp;
+      const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
+      const long row = io.time_major().row(t, r), own = row * H + p * Hp;  // ps, ks, fs
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
         __m512 c = _mm512_loadu_ps(C + off + j), h = _mm512_loadu_ps(hin + off + j);
@@ -724,12 +731,12 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         }
         if (saves) {
           for (int gate = 0; gate < 4; ++gate) {
-            save(saves[1] + 4 * (t * B * H + r * H) + gate * H + p * Hp + j, factors[gate]);
+            save(saves[1] + 4 * row * H + gate * H + p * Hp + j, factors[gate]);
           }
-          save(saves[2] + at + j, k);
-          save(saves[3] + at + j, fs);
+          save(saves[2] + own + j, k);
+          save(saves[3] + own + j, fs);
         }
-        _mm512_storeu_ps(Y + y_at + j, y);
+        _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = c = _mm512_setzero_ps();
         _mm512_storeu_ps(C + off + j, c);
@@ -759,17 +766,18 @@ ffi::Error LstmForwardSavingImpl(
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out,
     ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ps,
     ffi::ResultBuffer<ffi::F32> ks, ffi::ResultBuffer<ffi::F32> fs, int64_t partitions,
-    bool bf16) {
+    bool bf16, bool batch_major) {
   float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
                            fs->typed_data()};
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, false, ys->typed_data(),
-              h_out->typed_data(), c_out->typed_data(), saves);
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major,
+              ys->typed_data(), h_out->typed_data(), c_out->typed_data(), saves);
 }
 
 // The LSTM's reverse loop: seqjax.fused._lstm_bwd's scan. From the carry
 // gradients dh_T, dc_T and per-step dys [T, B, H] and the forward's saves
 // ps [T, B, 4H], ks, fs [T, B, H], it writes dz [T, B, 4H] (the gate
-// gradients, for the weight gradients after the loop) and dh_0, dc_0.
+// gradients, for the weight gradients after the loop) and dh_0, dc_0;
+// batch-major, dys and dz are [B, T, ...] instead.
 // Partition p owns units p Hp ... (p + 1) Hp: their dz columns, then (after a
 // barrier: this needs every dz column) their columns of dh = dz w_h^T, from
 // w_h's rows of those units, packed transposed.
@@ -779,12 +787,14 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
                            ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out,
-                           int64_t partitions, bool bf16) {
+                           int64_t partitions, bool bf16, bool batch_major) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax lstm_reverse: expected dys [T,B,H], w_h [H,4H]");
+    return ffi::Error::InvalidArgument(
+        "seqjax lstm_reverse: expected dys [T,B,H] ([B,T,H] batch-major), w_h [H,4H]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 4 * H;
+  const long T = yd[batch_major], B = yd[!batch_major], H = yd[2], P = partitions, G = 4 * H;
+  const Layout io{T, B, batch_major};
   const long Hp = partition_units(H, P);
   if (wd[0] != H || wd[1] != G || Hp == 0 ||
       static_cast<long>(ps.element_count()) != T * B * G) {
@@ -811,28 +821,30 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   // Gates: each partition's dz columns and dc. Carry: its columns of dh.
   auto gates = [&](long t, long p) {
     for (long r = 0; r < B; ++r) {
-      const long off = r * H + p * Hp, at = t * B * H + off;
+      const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
+      const long row = io.time_major().row(t, r), own = row * H + p * Hp;  // ps, ks, fs
       const bool live = fl.live(t, r);
-      const float* pr = PS + (t * B + r) * G + p * Hp;
-      float* dzr = DZ + (t * B + r) * G + p * Hp;
+      const float* pr = PS + row * G + p * Hp;
+      float* dzr = DZ + io.row(t, r) * G + p * Hp;
       for (long j = 0; j < Hp; j += 16) {
         __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
         __m512 dc = _mm512_loadu_ps(DC + off + j);
         if (!live) dh = dc = _mm512_setzero_ps();
-        const __m512 dct = _mm512_fmadd_ps(dh, _mm512_loadu_ps(KS + at + j), dc);
+        const __m512 dct = _mm512_fmadd_ps(dh, _mm512_loadu_ps(KS + own + j), dc);
         for (int gate = 0; gate < 4; ++gate) {
-          _mm512_storeu_ps(dzr + gate * H + j, _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j),
-                                                             gate < 3 ? dct : dh));
+          const __m512 dz = _mm512_mul_ps(_mm512_loadu_ps(pr + gate * H + j), gate < 3 ? dct : dh);
+          _mm512_storeu_ps(dzr + gate * H + j, dz);
         }
-        if (live) _mm512_storeu_ps(DC + off + j, _mm512_mul_ps(dct, _mm512_loadu_ps(FS + at + j)));
+        if (live) _mm512_storeu_ps(DC + off + j, _mm512_mul_ps(dct, _mm512_loadu_ps(FS + own + j)));
       }
     }
   };
   auto carry = [&](long t, long p) {
     float* product = products.data() + p * B * Hp;
-    const float* dz = operand(bf16, B, DZ + t * B * G, G, pairs.data() + p * B * Gu);
+    const long lda = io.stride() * G;
+    const float* dz = operand(bf16, B, DZ + io.row(t, 0) * G, G, pairs.data() + p * B * Gu, lda);
     matmul(bf16, B, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
-           product);
+           product, 0, 0, bf16 ? Gu : lda);
     for (long r = 0; r < B; ++r) {
       const long off = r * H + p * Hp;
       const bool live = fl.live(t, r), reset = fl.reset(t, r);
@@ -854,7 +866,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
 }
 
 // The GRU over all steps. With `saves` (hs [T, B, H], px, ph [T, B, 3H],
-// zs [T, B, H]) it also writes what seqjax.fused's backward pass reads:
+// zs [T, B, H]; all but zs [B, T, ...] batch-major, as xs and ys) it also
+// writes what seqjax.fused's backward pass reads:
 // h_{t-1}; with a = (1 - z)(1 - n^2), dr = a (h W_hn + b_hn) r (1 - r) and
 // dz = (h - n) z (1 - z): px = [dr, dz, a] and ph = [dr, dz, a r] (blocks of
 // H, unpartitioned); z. Steps that hold the carry save zero factors.
@@ -919,8 +932,8 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     for (long r = 0; r < B; ++r) {
       const float* xr = zx + r * N;
       const float* hr = zh + r * N;
-      const long off = r * H + p * Hp, at = t * B * H + off, y_at = io.row(t, r) * H + p * Hp;
-      const long wide = 3 * (t * B * H + r * H) + p * Hp;  // [T, B, 3H] row, own units
+      const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
+      const long wide = 3 * io.row(t, r) * H + p * Hp;  // a [T, B, 3H] row, own units
       const bool live = fl.live(t, r), reset_next = fl.reset(t + 1, r);
       for (long j = 0; j < Hp; j += 16) {
         __m512 h = _mm512_loadu_ps(hin + off + j);
@@ -950,9 +963,9 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
           save(saves[2] + wide + j, dr);
           save(saves[2] + wide + H + j, dz);
           save(saves[2] + wide + 2 * H + j, ar);
-          save(saves[3] + at + j, zs);
+          save(saves[3] + io.time_major().row(t, r) * H + p * Hp + j, zs);
         }
-        _mm512_storeu_ps(Y + y_at + j, y);
+        _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
         if (reset_next) h = _mm512_setzero_ps();
         _mm512_storeu_ps(hnext + off + j, h);
@@ -979,11 +992,11 @@ ffi::Error GruForwardSavingImpl(
     ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> hs,
     ffi::ResultBuffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> ph,
-    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16) {
+    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16, bool batch_major) {
   float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
                            zs->typed_data()};
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, false, ys->typed_data(),
-             h_out->typed_data(), saves);
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major,
+             ys->typed_data(), h_out->typed_data(), saves);
 }
 
 // The GRU's reverse loop: seqjax.fused._gru_bwd's scan. From dh_T, dys and
@@ -992,18 +1005,21 @@ ffi::Error GruForwardSavingImpl(
 // the gate and weight gradients are built after the loop) and dh_0. Gates:
 // each partition's dh_step and its columns of g = [dh_step]*3 ph; carry
 // (every column of g needed): its columns of dh = g w_h^T + dh_step z, from
-// w_h packed transposed (as for the LSTM).
+// w_h packed transposed (as for the LSTM). Batch-major, dys, ph and dh_steps
+// are [B, T, ...].
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
                           ffi::Buffer<ffi::F32> ph, ffi::Buffer<ffi::F32> zs,
                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
                           ffi::ResultBuffer<ffi::F32> dh_out, int64_t partitions,
-                          bool bf16) {
+                          bool bf16, bool batch_major) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
-    return ffi::Error::InvalidArgument("seqjax gru_reverse: expected dys [T,B,H], w_h [H,3H]");
+    return ffi::Error::InvalidArgument(
+        "seqjax gru_reverse: expected dys [T,B,H] ([B,T,H] batch-major), w_h [H,3H]");
   }
-  const long T = yd[0], B = yd[1], H = yd[2], P = partitions, G = 3 * H;
+  const long T = yd[batch_major], B = yd[!batch_major], H = yd[2], P = partitions, G = 3 * H;
+  const Layout io{T, B, batch_major};
   const long Hp = partition_units(H, P);
   if (wd[0] != H || wd[1] != G || Hp == 0 ||
       static_cast<long>(ph.element_count()) != T * B * G) {
@@ -1025,8 +1041,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
 
   auto gates = [&](long t, long p) {
     for (long r = 0; r < B; ++r) {
-      const long off = r * H + p * Hp, at = t * B * H + off;
-      const float* pr = PH + (t * B + r) * G + p * Hp;
+      const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
+      const float* pr = PH + io.row(t, r) * G + p * Hp;
       float* gr = g.data() + r * G + p * Hp;
       for (long j = 0; j < Hp; j += 16) {
         __m512 dh = _mm512_add_ps(_mm512_loadu_ps(DH + off + j), _mm512_loadu_ps(DY + at + j));
@@ -1044,11 +1060,12 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
     matmul(bf16, B, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product);
     for (long r = 0; r < B; ++r) {
-      const long off = r * H + p * Hp, at = t * B * H + off;
+      const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
       const bool live = fl.live(t, r), reset = fl.reset(t, r);
+      const long own = io.time_major().row(t, r) * H + p * Hp;  // zs
       for (long j = 0; j < Hp; j += 16) {
         __m512 dh = live ? _mm512_fmadd_ps(_mm512_loadu_ps(STEPS + at + j),
-                                           _mm512_loadu_ps(ZS + at + j),
+                                           _mm512_loadu_ps(ZS + own + j),
                                            _mm512_loadu_ps(product + r * Hp + j))
                          : _mm512_loadu_ps(DH + off + j);
         if (reset) dh = _mm512_setzero_ps();
@@ -1380,7 +1397,8 @@ auto GruForwardBinding() {
 
 }  // namespace
 
-// The plain forward loops also take `batch_major` (xs [B, T, D], ys [B, T, H]).
+// The recurrences' loops also take `batch_major`: every [T, B, ...] sequence
+// they read or write (xs, ys, the saves, dys, dz, dh_steps) is [B, T, ...].
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
                               Attributes(LstmForwardBinding()).Attr<bool>("batch_major"));
 
@@ -1389,7 +1407,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ps
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ks
-                                              .Ret<ffi::Buffer<ffi::F32>>()));  // fs
+                                              .Ret<ffi::Buffer<ffi::F32>>())  // fs
+                                  .Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                               Attributes(ffi::Ffi::Bind()
@@ -1404,7 +1423,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
-                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dc_0
+                                  .Ret<ffi::Buffer<ffi::F32>>())  // dc_0
+                                  .Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
                               Attributes(GruForwardBinding()).Attr<bool>("batch_major"));
@@ -1414,7 +1434,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // px
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ph
-                                              .Ret<ffi::Buffer<ffi::F32>>()));  // zs
+                                              .Ret<ffi::Buffer<ffi::F32>>())  // zs
+                                  .Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                               Attributes(ffi::Ffi::Bind()
@@ -1426,7 +1447,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
-                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dh_0
+                                  .Ret<ffi::Buffer<ffi::F32>>())  // dh_0
+                                  .Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
                               Attributes(ffi::Ffi::Bind()
