@@ -642,6 +642,35 @@ void start(const Flags& fl, long B, long H, const float* from, float* to) {
   }
 }
 
+// The stores of a saving loop (Lstm, Gru). The saved arrays are written once
+// and read only by the backward pass: non-temporal stores keep them from
+// evicting the weights from the cache, when all four are 64-byte aligned.
+// Not the arrays in io's layout when it is batch-major, though, where a
+// step's B rows are B separate places (hs; the GRU's px and ph): streamed,
+// they ran a GRU training step at B = 32 about 10 % slower, and plain stores
+// did not. The arrays only the reverse loops read stay time-major and stream.
+class Saves {
+ public:
+  Saves(float* const* saves, bool batch_major) {
+    for (int s = 0; saves && s < 4; ++s) {
+      stream_ &= reinterpret_cast<uintptr_t>(saves[s]) % 64 == 0;
+    }
+    stream_ &= saves != nullptr;
+    stream_io_ = stream_ && !batch_major;
+  }
+  void own(float* to, __m512 v) const { store(stream_, to, v); }  // a time-major array
+  void io(float* to, __m512 v) const { store(stream_io_, to, v); }  // an array in io's layout
+  void fence() const {  // the streamed rows, visible to other threads
+    if (stream_) _mm_sfence();
+  }
+
+ private:
+  static void store(bool stream, float* to, __m512 v) {
+    if (stream) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
+  }
+  bool stream_ = true, stream_io_ = true;
+};
+
 // The LSTM over all steps. With `saves` (hs, ps, ks, fs: [T, B, H], [T, B, 4H],
 // [T, B, H], [T, B, H]; hs [B, T, H] batch-major, as xs and ys) it also
 // writes what seqjax.fused's backward pass reads:
@@ -680,19 +709,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
   start(fl, B, H, c0.typed_data(), C);  // the cell state lives in c_T, updated in place
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
 
-  // The saved arrays are written once and read only by the backward pass:
-  // non-temporal stores keep them from evicting the weights from the cache.
-  // Not batch-major, though, where a step's B rows are B separate places
-  // (hs here; the GRU's px and ph): streamed, they ran a GRU training step at
-  // B = 32 about 10 % slower, and plain stores did not.
-  bool aligned = true;
-  for (int s = 0; saves && s < 4; ++s) aligned &= reinterpret_cast<uintptr_t>(saves[s]) % 64 == 0;
-  auto save = [aligned](float* to, __m512 v) {
-    if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
-  };
-  auto save_io = [aligned, batch_major](float* to, __m512 v) {  // the saves in io's layout
-    if (aligned && !batch_major) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
-  };
+  const Saves save(saves, batch_major);
 
   auto pack = [&](long p) {
     pack_columns(w_x.typed_data(), D, w_h.typed_data(), H, 4, H, Hp, p, bf16, W + p * K * N);
@@ -719,7 +736,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         __m512 c = _mm512_loadu_ps(C + off + j), h = _mm512_loadu_ps(hin + off + j);
         __m512 y = _mm512_setzero_ps();
         __m512 factors[4] = {y, y, y, y}, k = y, fs = y;
-        if (saves) save_io(saves[0] + at + j, h);
+        if (saves) save.io(saves[0] + at + j, h);
         if (live) {
           const LstmGates s(zr + j, Hp, c);
           const __m512 i = s.i, f = s.f, g = s.g, o = s.o, c_prev = c;
@@ -737,10 +754,10 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         }
         if (saves) {
           for (int gate = 0; gate < 4; ++gate) {
-            save(saves[1] + 4 * row * H + gate * H + p * Hp + j, factors[gate]);
+            save.own(saves[1] + 4 * row * H + gate * H + p * Hp + j, factors[gate]);
           }
-          save(saves[2] + own + j, k);
-          save(saves[3] + own + j, fs);
+          save.own(saves[2] + own + j, k);
+          save.own(saves[3] + own + j, fs);
         }
         _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
@@ -749,7 +766,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
         _mm512_storeu_ps(hnext + off + j, h);
       }
     }
-    if (saves && aligned) _mm_sfence();  // the streamed rows, visible before the barrier
+    save.fence();  // before the barrier
   });
   return ffi::Error::Success();
 }
@@ -909,14 +926,7 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
   std::vector<float> hbuf(2 * B * H), zbuf(2 * P * B * N), pairs(bf16 ? P * B * (Du + Hu) : 0);
   start(fl, B, H, h0.typed_data(), hbuf.data());
   if (T == 0) std::memcpy(HT, hbuf.data(), B * H * sizeof(float));
-  bool aligned = true;  // non-temporal stores for the saves, as in Lstm
-  for (int s = 0; saves && s < 4; ++s) aligned &= reinterpret_cast<uintptr_t>(saves[s]) % 64 == 0;
-  auto save = [aligned](float* to, __m512 v) {
-    if (aligned) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
-  };
-  auto save_io = [aligned, batch_major](float* to, __m512 v) {
-    if (aligned && !batch_major) _mm512_stream_ps(to, v); else _mm512_storeu_ps(to, v);
-  };
+  const Saves save(saves, batch_major);
 
   auto pack = [&](long p) {
     pack_columns(w_x.typed_data(), D, nullptr, 0, 3, H, Hp, p, bf16, WX + p * Du * N);
@@ -948,7 +958,7 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
         __m512 h = _mm512_loadu_ps(hin + off + j);
         __m512 y = _mm512_setzero_ps();
         __m512 dr = y, dz = y, a = y, ar = y, zs = y;
-        if (saves) save_io(saves[0] + at + j, h);
+        if (saves) save.io(saves[0] + at + j, h);
         if (live) {
           const __m512 rg = sigmoid512(
               _mm512_add_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(hr + j)));
@@ -966,13 +976,13 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
           h = y = _mm512_fmadd_ps(zg, _mm512_sub_ps(h, n), n);  // (1 - z) n + z h
         }
         if (saves) {
-          save_io(saves[1] + wide + j, dr);
-          save_io(saves[1] + wide + H + j, dz);
-          save_io(saves[1] + wide + 2 * H + j, a);
-          save_io(saves[2] + wide + j, dr);
-          save_io(saves[2] + wide + H + j, dz);
-          save_io(saves[2] + wide + 2 * H + j, ar);
-          save(saves[3] + io.time_major().row(t, r) * H + p * Hp + j, zs);
+          save.io(saves[1] + wide + j, dr);
+          save.io(saves[1] + wide + H + j, dz);
+          save.io(saves[1] + wide + 2 * H + j, a);
+          save.io(saves[2] + wide + j, dr);
+          save.io(saves[2] + wide + H + j, dz);
+          save.io(saves[2] + wide + 2 * H + j, ar);
+          save.own(saves[3] + io.time_major().row(t, r) * H + p * Hp + j, zs);
         }
         _mm512_storeu_ps(Y + at + j, y);
         if (t + 1 == T) _mm512_storeu_ps(HT + off + j, h);
@@ -980,7 +990,7 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
         _mm512_storeu_ps(hnext + off + j, h);
       }
     }
-    if (saves && aligned) _mm_sfence();
+    save.fence();  // before the barrier
   });
   return ffi::Error::Success();
 }
