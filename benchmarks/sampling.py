@@ -1,23 +1,26 @@
 """Sampling speed of a char-LM-shaped model: tokens/s at batch 1 and 64.
 
-    python benchmarks/sampling.py                 # ~1 minute on 2 CPU cores
+    python benchmarks/sampling.py                 # ~2 minutes on 2 CPU cores
+    python benchmarks/sampling.py --cell gru      # results/sampling_gru.json
     python benchmarks/sampling.py --quick --out /tmp/sampling.json
 
-The model is the char-LM's shape: a 65-symbol embedding, an LSTM with H=512,
-and a linear read-out to 65 logits. Each sampler draws 1000 tokens in one
+The model is the char-LM's shape: a 65-symbol embedding, an LSTM (``--cell
+gru``: a GRU) with H=512, and a linear read-out to 65 logits. Each sampler draws 1000 tokens in one
 jitted call, feeding each sample back, position i drawing with
 ``fold_in(key, i)`` as :func:`seqjax.decoding.generate` does:
 
 - ``plain``: a ``lax.scan`` that embeds the token, then ``cell.project`` (a
   [B, E] x [E, 4H] matmul) and ``cell.step`` at every step;
 - ``table``: the embedding and the input projection folded into one
-  [V, 4H] table before the loop (``embedding @ w_x + b``), so a step gathers
-  a row instead of multiplying: one matmul fewer per token;
+  [V, G H] table before the loop (``embedding @ w_x + b``; G = 4 gates for
+  the LSTM, 3 for the GRU), so a step gathers a row instead of multiplying:
+  one matmul fewer per token;
 - ``native``: the table, and every step in one call of the native sampling
-  kernel (:func:`seqjax.native.lstm_sample`, as the char-LM's
-  ``charlm.generate`` calls it), the Gumbel noise drawn beforehand
+  kernel (:func:`seqjax.native.lstm_sample` or
+  :func:`seqjax.native.gru_sample`, as the char-LM's ``charlm.generate``
+  calls them), the Gumbel noise drawn beforehand
   (:func:`seqjax.decoding.gumbel_noise`, inside the timed call);
-- ``table_bf16``, ``native_bf16``: the same with the LSTM's
+- ``table_bf16``, ``native_bf16``: the same with the cell's
   ``matmul_dtype="bfloat16"`` (recurrent matmul operands in bfloat16, float32
   accumulation);
 - ``table_int8``, ``native_int8``: with ``matmul_dtype="int8"`` (the rows of
@@ -35,7 +38,7 @@ every sampler alike.
 
 The bounds, measured in the same rounds: a float32 2048^3 XLA matmul gives
 the matmul peak, and each row reports its matmul GFLOP/s (the step's matmuls:
-2 H 4H recurrent, 2 H V read-out, and 2 E 4H input projection for ``plain``)
+2 H G H recurrent, 2 H V read-out, and 2 E G H input projection for ``plain``)
 as a fraction of it; at batch 64 that is the limit. At batch 1 every token
 reads all the weights once, so each row also reports the weight bytes read
 per second (``weight_gb_per_s``): a rate of memory, not of arithmetic.
@@ -53,9 +56,13 @@ VOCAB, EMBED, HIDDEN, LENGTH = 65, 64, 512, 1000
 PEAK_N, QUICK_PEAK_N = 2048, 64
 
 
-def cost_per_token(variant, hidden, vocab, embed):
-  """(matmul FLOPs, weight bytes read) per sampled token."""
-  recurrent, readout, projection = hidden * 4 * hidden, hidden * vocab, embed * 4 * hidden
+CELLS = {"lstm": (cells.LSTM, native.lstm_sample), "gru": (cells.GRU, native.gru_sample)}
+
+
+def cost_per_token(variant, hidden, vocab, embed, gates=4):
+  """(matmul FLOPs, weight bytes read) per sampled token, for a cell of ``gates`` gates."""
+  recurrent, readout = hidden * gates * hidden, hidden * vocab
+  projection = embed * gates * hidden
   flops = 2 * (recurrent + readout + (projection if variant == "plain" else 0))
   recurrent_bytes = {"bf16": 2, "int8": 1}.get(variant.rsplit("_", 1)[-1], 4)
   weight_bytes = (recurrent * recurrent_bytes + readout * 4
@@ -63,8 +70,8 @@ def cost_per_token(variant, hidden, vocab, embed):
   return flops, weight_bytes
 
 
-def make_model(hidden, vocab, embed):
-  cell = cells.LSTM(hidden)
+def make_model(hidden, vocab, embed, kind="lstm"):
+  cell = CELLS[kind][0](hidden)
   k_e, k_c, k_o = jax.random.split(jax.random.key(0), 3)
   return cell, {"embed": jax.random.normal(k_e, (vocab, embed)) * 0.1,
                 "cell": cell.init(k_c, embed),
@@ -74,16 +81,17 @@ def make_model(hidden, vocab, embed):
 
 def sampler(cell, variant, length, batch):
   """A jitted function (params, key) -> tokens [batch, length]."""
+  kernel = CELLS["gru" if isinstance(cell, cells.GRU) else "lstm"][1]
 
   def sample(params, key):
-    table = cell.project(params["cell"], params["embed"])  # [V, 4H]
+    table = cell.project(params["cell"], params["embed"])  # [V, G H]
     start = cell.initial_carry((batch,))
     logits = jnp.zeros((batch, params["out_b"].shape[0]), jnp.float32)
     if variant.startswith("native"):
       noise = decoding.gumbel_noise(key, logits.shape, length)
       head = (params["out_w"], params["out_b"])
-      return native.lstm_sample(table, [params["cell"]], head, [start], logits, noise,
-                                matmul_dtype=cell.matmul_dtype)[2]
+      return kernel(table, [params["cell"]], head, [start], logits, noise,
+                    matmul_dtype=cell.matmul_dtype)[2]
     if variant.startswith("table"):  # fold embedding and input projection together once
       project = lambda tok: table[tok]
     else:
@@ -105,20 +113,25 @@ def main(argv=None):
   reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "sampling")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--cell", choices=sorted(CELLS), default="lstm")
+  parser.set_defaults(out=None)  # results/sampling.json, or sampling_gru.json
   args = parser.parse_args(argv)
+  suffix = "" if args.cell == "lstm" else f"_{args.cell}"
+  args.out = args.out or common.RESULTS / f"sampling{suffix}.json"
+  make_cell = CELLS[args.cell][0]
   kernels = native.status() == "ready"
   if args.quick:
     hidden, length, batches, repeats = 16, 20, (1, 4), 2
   else:
     hidden, length, batches, repeats = HIDDEN, LENGTH, (1, 64), args.repeats
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
-  cell, params = make_model(hidden, VOCAB, EMBED)
+  cell, params = make_model(hidden, VOCAB, EMBED, args.cell)
   results = []
   for batch in batches:
     tokens = {}
-    bf16_cell = cells.LSTM(hidden, matmul_dtype="bfloat16")
+    bf16_cell = make_cell(hidden, matmul_dtype="bfloat16")
     fns = {v: sampler(cell, v, length, batch) for v in ("plain", "table")}
-    int8_cell = cells.LSTM(hidden, matmul_dtype="int8")
+    int8_cell = make_cell(hidden, matmul_dtype="int8")
     fns["table_bf16"] = sampler(bf16_cell, "table_bf16", length, batch)
     fns["table_int8"] = sampler(int8_cell, "table_int8", length, batch)
     if kernels:
@@ -140,8 +153,8 @@ def main(argv=None):
     results.append(dict(batch=batch, peak_matmul=peak_n,
                         gflops=common.spread([p / 1e9 for p in peak])))
     for variant, tps in per_round.items():
-      flops, weight_bytes = cost_per_token(variant, hidden, VOCAB, EMBED)
-      row = dict(variant=variant, batch=batch, length=length, H=hidden,
+      flops, weight_bytes = cost_per_token(variant, hidden, VOCAB, EMBED, cell.num_gates)
+      row = dict(cell=args.cell, variant=variant, batch=batch, length=length, H=hidden,
                  vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
                  same_tokens=agree[variant],
                  gflops=common.spread([x * flops / 1e9 for x in tps]),
@@ -153,7 +166,7 @@ def main(argv=None):
             f"({common.median(peak) / 1e9:.0f} GFLOP/s), weights read at "
             f"{row['weight_gb_per_s']['median']:.0f} GB/s "
             f"(same tokens: {agree[variant]:.3f})", flush=True)
-  config = dict(H=hidden, vocab=VOCAB, embed=EMBED, length=length, batches=batches,
+  config = dict(cell=args.cell, H=hidden, vocab=VOCAB, embed=EMBED, length=length, batches=batches,
                 repeats=repeats, peak_matmul=peak_n, seqjax_native=native.status(),
                 reuse_freed_memory=reuse)
   common.write(args.out, "sampling", config, results)

@@ -98,7 +98,8 @@ def int8_matmul(a, w):
       s_a = max_k |a_k| / 127,  s_w = max_k |w_kn| / 127   (1 for all-zero)
       a @ w ~ (round(a / s_a) @ round(w / s_w)) * (s_a * s_w)
 
-  :func:`seqjax.native.lstm_sample` computes exactly this on AVX512_VNNI.
+  :func:`seqjax.native.lstm_sample` and :func:`seqjax.native.gru_sample` compute
+  exactly this on AVX512_VNNI.
   Inference only: a gradient through it raises ``ValueError``.
   """
   s_a, s_w = _int8_scales(a, -1), _int8_scales(w, 0)

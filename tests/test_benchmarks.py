@@ -112,9 +112,12 @@ def test_scan_vs_unroll(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
 
 
-def test_sampling(tmp_path):
-  payload, _ = _run("sampling", tmp_path)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_sampling(tmp_path, cell):
+  payload, _ = _run("sampling", tmp_path, "--cell", cell)
+  assert payload["config"]["cell"] == cell
   rows = [r for r in payload["results"] if "variant" in r]
+  assert {r["cell"] for r in rows} == {cell}
   batches = payload["config"]["batches"]
   variants = ["plain", "table", "table_bf16", "table_int8"]
   if payload["config"]["seqjax_native"] == "ready":
@@ -135,10 +138,11 @@ def test_sampling(tmp_path):
   plain, table = (next(r for r in rows if r["variant"] == v and r["batch"] == 1)
                   for v in ("plain", "table"))
   h, e, v = plain["H"], plain["embed"], plain["vocab"]
+  g = {"lstm": 4, "gru": 3}[cell]
   assert plain["gflops"]["median"] == pytest.approx(
-      plain["tokens_per_s"]["median"] * 2 * (4 * h * h + h * v + 4 * e * h) / 1e9)
+      plain["tokens_per_s"]["median"] * 2 * (g * h * h + h * v + g * e * h) / 1e9)
   assert table["gflops"]["median"] == pytest.approx(
-      table["tokens_per_s"]["median"] * 2 * (4 * h * h + h * v) / 1e9)
+      table["tokens_per_s"]["median"] * 2 * (g * h * h + h * v) / 1e9)
 
 
 def test_vanishing_gradients(tmp_path):

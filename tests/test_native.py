@@ -743,12 +743,19 @@ def test_reuse_freed_memory_first_keeps_blocks_above_64_mb():
   assert faults["default"] > 10_000 and faults["reuse"] < faults["default"] / 100, faults
 
 
-def _sampling_model(h, v, layers, matmul_dtype=None, seed=0):
-  """``(cell, layers, embed, head)``: a stacked LSTM language model, a peaked
-  read-out (so the draws vary and are not near ties)."""
-  cell = cells.LSTM(h, matmul_dtype=matmul_dtype)
+SAMPLERS = {"lstm": (cells.LSTM, native.lstm_sample), "gru": (cells.GRU, native.gru_sample)}
+
+
+def _sampling_model(h, v, layers, matmul_dtype=None, seed=0, kind="lstm"):
+  """``(cell, layers, embed, head)``: a stacked LSTM (or GRU) language model, a
+  peaked read-out (so the draws vary and are not near ties); the GRU's b_hn
+  random, not zero, so the kernels must place it."""
+  cell = SAMPLERS[kind][0](h, matmul_dtype=matmul_dtype)
   k = jax.random.split(jax.random.key(seed), layers + 3)
   params = [cell.init(k[l], 8 if l == 0 else h, jnp.float32) for l in range(layers)]
+  if kind == "gru":
+    params = [dict(p, b_hn=0.3 * jax.random.normal(jax.random.fold_in(k[l], 1), (h,), jnp.float32))
+              for l, p in enumerate(params)]
   embed = jax.random.normal(k[layers], (v, 8), jnp.float32)
   head = (3 * jax.random.normal(k[layers + 1], (h, v), jnp.float32) / h ** 0.5,
           jax.random.normal(k[layers + 2], (v,), jnp.float32))
@@ -756,31 +763,36 @@ def _sampling_model(h, v, layers, matmul_dtype=None, seed=0):
 
 
 def _reference_sample(cell, layers, embed, head, carry, logits, key, length, temperature):
-  """decoding.generate on the same model, in XLA: what lstm_sample must draw."""
+  """decoding.generate on the same model, in XLA: what lstm_sample (gru_sample)
+  must draw."""
+  lstm = isinstance(cell, cells.LSTM)
   def step(_, carry, tokens):
     x, new = embed[tokens[:, -1]], []
     for p, c in zip(layers, carry):
-      c, x = cell.step(p, cells.LSTMCarry(*c), cell.project(p, x))
-      new.append(tuple(c))
+      c, x = cell.step(p, cells.LSTMCarry(*c) if lstm else c, cell.project(p, x))
+      new.append(tuple(c) if lstm else c)
     return new, x @ head[0] + head[1]
   return decoding.generate(step, None, carry, logits, key, length, temperature=temperature)
 
 
-def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None):
-  cell, params, embed, head = _sampling_model(h, v, layers, matmul_dtype)
+def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None, kind="lstm"):
+  cell, params, embed, head = _sampling_model(h, v, layers, matmul_dtype, kind=kind)
   carry = [tuple(0.5 * jax.random.normal(jax.random.key(10 + i), (b, h), jnp.float32)
                  for i in (2 * l, 2 * l + 1)) for l in range(layers)]
+  if kind == "gru":
+    carry = [h for h, _ in carry]
   logits = jax.random.normal(jax.random.key(5), (b, v), jnp.float32)
   key = jax.random.key(3)
   want = jax.jit(_reference_sample, static_argnums=(0, 7, 8))(
       cell, params, embed, head, carry, logits, key, t, temperature)
   noise = decoding.gumbel_noise(key, (b, v), t, temperature=temperature)
-  got = jax.jit(native.lstm_sample, static_argnums=(6, 7))(
+  got = jax.jit(SAMPLERS[kind][1], static_argnums=(6, 7))(
       cell.project(params[0], embed), params, head, carry, logits, noise, temperature,
       matmul_dtype)
   return got, want
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("h,v,layers,b,t,temperature,matmul_dtype", [
     (32, 11, 1, 3, 20, 1.0, None),           # one partition
     (64, 65, 2, 5, 30, 0.7, None),           # two partitions, two layers
@@ -793,9 +805,9 @@ def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None):
     (64, 17, 1, 2, 0, 1.0, None),            # no tokens: the carry and logits pass through
 ])
 def test_the_sampling_kernel_draws_what_generate_draws(h, v, layers, b, t, temperature,
-                                                       matmul_dtype):
+                                                       matmul_dtype, kind):
   (carry, logits, tokens), (want_carry, want_logits, want_tokens) = _sample_both(
-      h, v, layers, b, t, temperature, matmul_dtype)
+      h, v, layers, b, t, temperature, matmul_dtype, kind)
   assert tokens.shape == (b, t) and tokens.dtype == jnp.int32
   np.testing.assert_array_equal(tokens, want_tokens)
   if t and temperature:
@@ -805,23 +817,24 @@ def test_the_sampling_kernel_draws_what_generate_draws(h, v, layers, b, t, tempe
   # seen), while most values agree to float32's rounding
   atol = {None: 2e-5, "bfloat16": 1e-3, "int8": 1e-2}[matmul_dtype]
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=atol)
-  for got, want in zip(carry, want_carry):
-    for g, w in zip(got, want):
-      np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol)
+  for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(want_carry), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
   if matmul_dtype == "int8":
     flat = lambda *trees: np.concatenate([np.ravel(a) for a in jax.tree.leaves(trees)])
     close = np.isclose(flat(logits, carry), flat(want_logits, want_carry), rtol=1e-5, atol=2e-5)
     assert np.mean(close) > 0.8, np.mean(close)  # 0.93 and 1.0 measured
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("matmul_dtype", [None, pytest.param("int8", marks=needs_vnni)])
-def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch, matmul_dtype):
-  cell, params, embed, head = _sampling_model(64, 30, 2, matmul_dtype)
+def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch, matmul_dtype,
+                                                                 kind):
+  cell, params, embed, head = _sampling_model(64, 30, 2, matmul_dtype, kind=kind)
   carry = [cell.initial_carry((4,))] * 2
   logits = jnp.zeros((4, 30), jnp.float32)
   noise = decoding.gumbel_noise(jax.random.key(0), (4, 30), 25)
   noise = noise.at[..., 7].set(-jnp.inf)  # a token that is never drawn
-  run = lambda: jax.jit(lambda *a: native.lstm_sample(*a, matmul_dtype=matmul_dtype))(
+  run = lambda: jax.jit(lambda *a: SAMPLERS[kind][1](*a, matmul_dtype=matmul_dtype))(
       cell.project(params[0], embed), params, head, carry, logits, noise)
   want = run()
   monkeypatch.setattr(native, "threads", lambda: 1)
@@ -831,18 +844,25 @@ def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch, ma
     np.testing.assert_array_equal(g, w)
 
 
-def test_the_sampling_kernel_refuses_arrays_that_do_not_agree():
-  cell, params, embed, head = _sampling_model(32, 11, 1)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_sampling_kernel_refuses_arrays_that_do_not_agree(kind):
+  cell, params, embed, head = _sampling_model(32, 11, 1, kind=kind)
+  sample = SAMPLERS[kind][1]
   carry = [cell.initial_carry((2,))]
   noise = jnp.zeros((5, 2, 11), jnp.float32)
   table = cell.project(params[0], embed)
-  with pytest.raises(Exception, match="do not agree on V, H and B"):
-    jax.block_until_ready(native.lstm_sample(table, params, (head[0][:, :-1], head[1]), carry,
-                                             jnp.zeros((2, 11), jnp.float32), noise))
+  with pytest.raises(Exception, match=f"{kind}_sample: table, read-out, logits and noise do "
+                                      "not agree on V, H and B"):
+    jax.block_until_ready(sample(table, params, (head[0][:, :-1], head[1]), carry,
+                                 jnp.zeros((2, 11), jnp.float32), noise))
   bad = [dict(params[0], w_h=params[0]["w_h"][:16])]
   with pytest.raises(Exception, match="layer 0's arrays do not match H"):
-    jax.block_until_ready(native.lstm_sample(table, bad, head, carry,
-                                             jnp.zeros((2, 11), jnp.float32), noise))
+    jax.block_until_ready(sample(table, bad, head, carry, jnp.zeros((2, 11), jnp.float32), noise))
+  if kind == "gru":  # the recurrent bias b_hn, of the wrong length
+    bad = [dict(params[0], b_hn=params[0]["b_hn"][:16])]
+    with pytest.raises(Exception, match=r"expected w_x, w_h \[H,3H\], b, bh \[3H\]"):
+      jax.block_until_ready(sample(table, bad, head, carry, jnp.zeros((2, 11), jnp.float32),
+                                   noise))
 
 
 def test_sampling_too_short_to_repay_the_pack_is_not_usable():

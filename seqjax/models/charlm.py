@@ -203,10 +203,11 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
   """:func:`seqjax.decoding.generate` on :func:`decode_step`, faster where it can be.
 
-  A stack of LSTMs with the same hidden size, sampled with a temperature (or
-  greedily, without top-k or top-p), draws all ``length`` tokens in one call
-  of the native kernel (:func:`seqjax.native.lstm_sample`, in the cells'
-  ``matmul_dtype``: float32, bfloat16 or int8), where
+  A stack of LSTMs (or of reset-after GRUs) with the same hidden size,
+  sampled with a temperature (or greedily, without top-k or top-p), draws
+  all ``length`` tokens in one call of the native kernel
+  (:func:`seqjax.native.lstm_sample` or :func:`seqjax.native.gru_sample`, in
+  the cells' ``matmul_dtype``: float32, bfloat16 or int8), where
   :func:`seqjax.native.sample_usable` says it runs here and pays: no step
   leaves the kernel, and each core keeps its share of the weights in its
   cache. It adds the noise :func:`seqjax.decoding.generate` adds, so it draws
@@ -218,8 +219,10 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
   """
   decoding.check_settings(temperature, top_k, top_p)
   stack = module.cells
-  lstm = all(isinstance(c, cells_lib.LSTM) and c == stack[0] for c in stack)
-  if lstm and not top_k and top_p == 1.0 and carry is not None:
+  lstm = isinstance(stack[0], cells_lib.LSTM)
+  gru = isinstance(stack[0], cells_lib.GRU) and stack[0].reset_after
+  same = all(c == stack[0] for c in stack)
+  if same and (lstm or gru) and not top_k and top_p == 1.0 and carry is not None:
     layers = [params["rnn"][f"layer_{l}"] for l in range(len(stack))]
     if module.tie_weights:
       head = (params["embed"].T, params["head_bias"])
@@ -229,11 +232,12 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
                                   temperature=temperature)
     noise = noise.at[..., -1].set(-jnp.inf)  # the unknown character, as decode_step bans it
     matmul_dtype = stack[0].matmul_dtype
-    table = stack[0].project(layers[0], params["embed"])  # [V, 4H]
+    table = stack[0].project(layers[0], params["embed"])  # [V, G H]
     if native.sample_usable(table, layers, head, carry, noise, matmul_dtype):
-      carry, logits, tokens = native.lstm_sample(table, layers, head, carry, logits, noise,
-                                                 temperature, matmul_dtype)
-      carry = tuple(cells_lib.LSTMCarry(h, c) for h, c in carry)
+      sample = native.lstm_sample if lstm else native.gru_sample
+      carry, logits, tokens = sample(table, layers, head, carry, logits, noise, temperature,
+                                     matmul_dtype)
+      carry = tuple(cells_lib.LSTMCarry(h, c) for h, c in carry) if lstm else tuple(carry)
       return carry, logits.at[:, -1].set(-jnp.inf), tokens
   return decoding.generate(decode_step(module), params, carry, logits, key, length, start=start,
                            temperature=temperature, top_k=top_k, top_p=top_p)

@@ -9,8 +9,9 @@ in float32 on CPU: each cell's forward loop, saving what its backward pass
 reads when a gradient is taken, and its backward pass's reverse loop. A cell
 with ``matmul_dtype="bfloat16"`` runs them too where the CPU has AVX512_BF16:
 the matmul operands rounded to bfloat16 as the XLA path rounds them, the
-products summed in float32. :func:`lstm_sample` draws a stacked LSTM language
-model's tokens, every step in one call (the char-LM's sampler), also with
+products summed in float32. :func:`lstm_sample` and :func:`gru_sample` draw
+a stacked LSTM or GRU language model's tokens, every step in one call (the
+char-LM's sampler), also with
 ``matmul_dtype="int8"`` where the CPU has AVX512_VNNI (as
 :func:`seqjax.fused.int8_matmul`, exact integer sums). The forward and
 reverse loops do not run int8: an int8 cell runs on the XLA path.
@@ -52,7 +53,8 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_forward_saving": "SeqjaxGruForwardSaving",
             "seqjax_gru_reverse": "SeqjaxGruReverse",
             "seqjax_outer_sum": "SeqjaxOuterSum",
-            "seqjax_lstm_sample": "SeqjaxLstmSample"}
+            "seqjax_lstm_sample": "SeqjaxLstmSample",
+            "seqjax_gru_sample": "SeqjaxGruSample"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
@@ -198,9 +200,9 @@ def _bf16(matmul_dtype) -> bool | None:
 
 
 def _int8(matmul_dtype) -> bool | None:
-  """Whether :func:`lstm_sample`'s matmuls are int8 for this ``matmul_dtype``
-  (int8: yes; others: no), or ``None`` if the CPU cannot run them (no
-  AVX512_VNNI): as :func:`_bf16` for bfloat16."""
+  """Whether the samplers' (:func:`lstm_sample`, :func:`gru_sample`) matmuls
+  are int8 for this ``matmul_dtype`` (int8: yes; others: no), or ``None`` if
+  the CPU cannot run them (no AVX512_VNNI): as :func:`_bf16` for bfloat16."""
   if matmul_dtype is None or jnp.dtype(matmul_dtype) != jnp.int8:
     return False
   return True if "avx512_vnni" in _cpu_flags() else None
@@ -229,7 +231,9 @@ def usable(params, xs, carry, matmul_dtype, batch_major=False) -> bool:
 
 
 def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
-  """Whether :func:`lstm_sample` can run this call, and repays packing its weights.
+  """Whether :func:`lstm_sample` or :func:`gru_sample` can run this call, and
+  repays packing its weights (``carry``: either's, a list of each layer's
+  carry).
 
   As :func:`usable`, for sampling ``T`` tokens of ``B`` rows (``noise [T, B,
   V]``): float32 arrays, a CPU backend, a hidden size the kernels split, the
@@ -244,10 +248,10 @@ def sample_usable(table, layers, head, carry, noise, matmul_dtype) -> bool:
   if int8:
     matmul_dtype = None  # the rest of the rule as for float32
   arrays = (table, *head, noise, *(a for p in layers for a in p.values()),
-            *(a for c in carry for a in c))
+            *jax.tree.leaves(carry))
   weights = table.size + head[0].size + sum(p["w_h"].size + p["w_x"].size for p in layers[1:])
   weights += layers[0]["w_h"].size
-  return _runs(arrays, matmul_dtype, *noise.shape[:2], weights, table.shape[-1] // 4)
+  return _runs(arrays, matmul_dtype, *noise.shape[:2], weights, layers[0]["w_h"].shape[0])
 
 
 def _runs(arrays, matmul_dtype, steps, rows, weights, hidden) -> bool:
@@ -437,11 +441,11 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtyp
   ``hs``, ``px`` and ``ph`` ``[B, T, ...]`` and ``zs`` time-major.
   """
   hidden = h0.shape[-1]
-  b_h = jnp.concatenate([jnp.zeros((2 * hidden,), jnp.float32), params["b_hn"]])
   time, batch = _time_and_batch(xs, batch_major)
   ys_shape = _steps(time, batch, hidden, batch_major)
   carry = h0.shape
-  args = (xs, params["w_x"], params["w_h"], params["b"], b_h, h0, *_flags(valid, resets))
+  args = (xs, params["w_x"], params["w_h"], params["b"], _recurrent_bias(params), h0,
+          *_flags(valid, resets))
   shapes = [ys_shape, carry]
   if not save:
     ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args,
@@ -479,6 +483,13 @@ def outer_sum(a, b, matmul_dtype=None):
   return z
 
 
+def _recurrent_bias(params):
+  """A reset-after GRU's recurrent bias as the kernels take it, ``[3H]``:
+  zeros for r and z (folded into ``b``), then ``b_hn``."""
+  b_hn = params["b_hn"]
+  return jnp.concatenate([jnp.zeros((2 * b_hn.shape[0],), b_hn.dtype), b_hn])
+
+
 def lstm_sample(table, layers, head, carry, logits, noise, temperature=1.0, matmul_dtype=None):
   """``(carry, logits, tokens)``: ``T`` tokens drawn from a stacked LSTM language
   model, each fed back, in one kernel call (check :func:`sample_usable` first).
@@ -500,20 +511,45 @@ def lstm_sample(table, layers, head, carry, logits, noise, temperature=1.0, matm
   weight column scaled to int8, the sums exact (:func:`seqjax.fused.int8_matmul`
   states it in XLA); the table, the gate math and the read-out stay float32.
   """
-  (time, batch, _), hidden = noise.shape, table.shape[-1] // 4
+  args = [a for p, (h, c) in zip(layers, carry) for a in (p["w_x"], p["w_h"], p["b"], h, c)]
+  tokens, logits, states = _sample("seqjax_lstm_sample", 4, 2, table, args, head, logits, noise,
+                                   temperature, matmul_dtype)
+  return [tuple(states[i:i + 2]) for i in range(0, len(states), 2)], logits, tokens
+
+
+def gru_sample(table, layers, head, carry, logits, noise, temperature=1.0, matmul_dtype=None):
+  """``(carry, logits, tokens)``: :func:`lstm_sample` for a stacked reset-after
+  GRU language model (``seqjax.cells.GRU``).
+
+  As :func:`lstm_sample`, with ``table [V, 3H]`` (``cell.project`` of the
+  embedding), ``layers`` the GRU cells' params (each with ``b_hn``; layer 0's
+  ``w_x`` and ``b`` are not read), and ``carry`` the L layers' h, each [B, H].
+  Returns the carry as a list of h.
+  """
+  args = [a for p, h in zip(layers, carry)
+          for a in (p["w_x"], p["w_h"], p["b"], _recurrent_bias(p), h)]
+  tokens, logits, states = _sample("seqjax_gru_sample", 3, 1, table, args, head, logits, noise,
+                                   temperature, matmul_dtype)
+  return list(states), logits, tokens
+
+
+def _sample(target, gates, carries, table, args, head, logits, noise, temperature,
+            matmul_dtype):
+  """The sampling kernel ``target`` on each layer's ``args`` (five apiece),
+  ``carries`` [B, H] results a layer: ``(tokens, logits, states)``."""
+  (time, batch, _), hidden = noise.shape, table.shape[-1] // gates
   int8 = _int8(matmul_dtype)
   if int8 is None:
-    raise ValueError("seqjax.native.lstm_sample: int8 matmuls need a CPU with AVX512_VNNI, "
+    raise ValueError(f"seqjax.native.{target[7:]}: int8 matmuls need a CPU with AVX512_VNNI, "
                      "and this one has none")
-  args = [a for p, (h, c) in zip(layers, carry) for a in (p["w_x"], p["w_h"], p["b"], h, c)]
   shapes = [jax.ShapeDtypeStruct((batch, time), jnp.int32), logits.shape]
-  shapes += [(batch, hidden)] * (2 * len(layers))
+  shapes += [(batch, hidden)] * (carries * (len(args) // 5))
   tokens, logits, *states = _call(
-      "seqjax_lstm_sample", shapes, partitions(hidden), None if int8 else matmul_dtype, table,
-      head[0], head[1], logits, noise, *args, temperature=np.float32(temperature), int8=int8)
-  return [tuple(states[i:i + 2]) for i in range(0, len(states), 2)], logits, tokens
+      target, shapes, partitions(hidden), None if int8 else matmul_dtype, table, head[0], head[1],
+      logits, noise, *args, temperature=np.float32(temperature), int8=int8)
+  return tokens, logits, states
 
 
 __all__ = ["status", "usable", "disabled", "threads", "partitions", "reuse_freed_memory",
            "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse", "outer_sum",
-           "sample_usable", "lstm_sample"]
+           "sample_usable", "lstm_sample", "gru_sample"]

@@ -9,14 +9,14 @@
 //
 // Semantics: seqjax.fused's loops. The forward loops (LSTM, GRU), optionally
 // saving what the backward pass reads, and the backward passes' reverse
-// loops; and the sampling loop of a stacked LSTM language model
-// (LstmSampleImpl). valid and resets are [T, B] uint8, or empty when absent: a reset
+// loops; and the sampling loop of a stacked LSTM or GRU language model
+// (Sample). valid and resets are [T, B] uint8, or empty when absent: a reset
 // zeroes the carry before its step; an invalid step holds the carry and emits
 // zeros. Weights arrive as the cells hold them, and the partition count P as
 // an attribute (Hp = H / P units each, a multiple of 16), and with it `bf16`:
 // the matmuls round their operands to bfloat16 and sum in float32 (a cell's
 // matmul_dtype="bfloat16"; the gate math stays float32). The sampling loop
-// also takes `int8`: its LSTM layers' matmuls in int8 (matmul_dtype="int8",
+// also takes `int8`: its layers' matmuls in int8 (matmul_dtype="int8",
 // see the int8 matmuls below):
 //   LSTM: w_x [D, 4H], w_h [H, 4H] (columns i, f, g, o), b [4H]; carry h0,
 //         c0 [B, H].
@@ -283,7 +283,7 @@ const float* operand(bool bf16, long B, const float* a, long K, float* pairs, lo
   return bf16 ? as_pairs(B, a, K, lda ? lda : K, pairs) : a;
 }
 
-// int8 matmuls (lstm_sample's matmul_dtype="int8", seqjax.fused.int8_matmul):
+// int8 matmuls (the samplers' matmul_dtype="int8", seqjax.fused.int8_matmul):
 // each row of the operand a [B, K] and each column of the weights w [K, N]
 // scaled so its largest magnitude is 127 (s_a = max_k |a_k| / 127, s_w =
 // max_k |w_kn| / 127; 1 for all zeros) and rounded to integers, their
@@ -1154,105 +1154,122 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   return ffi::Error::Success();
 }
 
-// Sampling from a stacked LSTM language model, every step in one call: the
-// tokens' embedding, the L layers, a linear read-out to V logits, and the
-// next token drawn and fed back. seqjax.models.charlm.generate's loop,
-// the same draws as seqjax.decoding.generate's: token = the first index of
-// the largest logits / temperature + noise, where noise [T, B, V] is the Gumbel
-// noise jax.random.categorical adds (zero for greedy decoding, temperature 0),
-// -inf where a token may not be drawn.
-//   table [V, 4H]: each token's layer-0 input projection (embedding w_x + b);
+// Sampling from a stacked LSTM or GRU language model, every step in one
+// call: the tokens' embedding, the L layers, a linear read-out to V logits,
+// and the next token drawn and fed back. seqjax.models.charlm.generate's
+// loop, the same draws as seqjax.decoding.generate's: token = the first
+// index of the largest logits / temperature + noise, where noise [T, B, V]
+// is the Gumbel noise jax.random.categorical adds (zero for greedy decoding,
+// temperature 0), -inf where a token may not be drawn. With G gates (4 for
+// the LSTM, 3 for the GRU):
+//   table [V, G H]: each token's layer-0 input projection (embedding w_x + b);
 //   w_o [H, V], b_o [V]: the read-out from the last layer's h (float32: the
 //   model's head does not take the cells' matmul_dtype);
 //   logits0 [B, V]: the logits the first token is drawn from;
-//   then per layer l: w_x [H, 4H] (layer 0's is not read), w_h [H, 4H],
-//   b [4H] (layer 0's is in the table), h0, c0 [B, H].
+//   then per layer l: w_x [H, G H] (layer 0's is not read), w_h [H, G H],
+//   b [G H] (layer 0's is in the table), then the LSTM's h0, c0 [B, H], or
+//   the GRU's bh [G H] (zeros, zeros, b_hn) and h0 [B, H].
 // Results: tokens [B, T] int32, the logits after the last token [B, V], and
-// per layer h_T, c_T. A step is L + 1 phases, each ending at a barrier: the
-// layers in order (layer 0 draws the step's token first, each partition from
-// the same logits and noise, so no phase is spent sharing tokens), then the
-// read-out, its 16-column panels shared among the partitions.
-ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o,
-                          ffi::Buffer<ffi::F32> b_o, ffi::Buffer<ffi::F32> logits0,
-                          ffi::Buffer<ffi::F32> noise, ffi::RemainingArgs layer_args,
-                          ffi::ResultBuffer<ffi::S32> tokens_out,
-                          ffi::ResultBuffer<ffi::F32> logits_out, ffi::RemainingRets carry_out,
-                          int64_t partitions, bool bf16, float temperature, bool int8) {
+// per layer h_T (and the LSTM's c_T). A step is L + 1 phases, each ending at
+// a barrier: the layers in order (layer 0 draws the step's token first, each
+// partition from the same logits and noise, so no phase is spent sharing
+// tokens), then the read-out, its 16-column panels shared among the
+// partitions.
+ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>& w_o,
+                  ffi::Buffer<ffi::F32>& b_o, ffi::Buffer<ffi::F32>& logits0,
+                  ffi::Buffer<ffi::F32>& noise, ffi::RemainingArgs& layer_args,
+                  ffi::ResultBuffer<ffi::S32>& tokens_out, ffi::ResultBuffer<ffi::F32>& logits_out,
+                  ffi::RemainingRets& carry_out, int64_t partitions, bool bf16, float temperature,
+                  bool int8) {
+  const char* kernel = gru ? "gru_sample" : "lstm_sample";
+  const std::string name = std::string("seqjax ") + kernel;
+  const long G = gru ? 3 : 4, carries = gru ? 1 : 2;  // gates; carry results per layer
   const auto td = table.dimensions(), od = w_o.dimensions(), nd = noise.dimensions();
   const auto ld = logits0.dimensions();
   const long L = static_cast<long>(layer_args.size() / 5);
   if (td.size() != 2 || od.size() != 2 || nd.size() != 3 || ld.size() != 2 || L == 0 ||
-      layer_args.size() % 5 || carry_out.size() != static_cast<size_t>(2 * L)) {
+      layer_args.size() % 5 || carry_out.size() != static_cast<size_t>(carries * L)) {
     return ffi::Error::InvalidArgument(
-        "seqjax lstm_sample: expected table [V,4H], w_o [H,V], logits [B,V], noise [T,B,V], "
-        "then w_x, w_h, b, h0, c0 for each layer, and h, c results for each");
+        name + (gru ? ": expected table [V,3H], w_o [H,V], logits [B,V], noise [T,B,V], then w_x, "
+                      "w_h, b, bh, h0 for each layer, and an h result for each"
+                    : ": expected table [V,4H], w_o [H,V], logits [B,V], noise [T,B,V], then w_x, "
+                      "w_h, b, h0, c0 for each layer, and h, c results for each"));
   }
-  const long V = td[0], H = td[1] / 4, T = nd[0], B = nd[1], P = partitions;
-  const long Hp = partition_units(H, P), N = 4 * Hp, Hu = int8 ? quads(H) : units(H, bf16);
-  if (td[1] != 4 * H || od[0] != H || od[1] != V || static_cast<long>(b_o.element_count()) != V ||
+  const long V = td[0], H = td[1] / G, T = nd[0], B = nd[1], P = partitions;
+  const long Hp = partition_units(H, P), N = G * Hp, Hu = int8 ? quads(H) : units(H, bf16);
+  if (td[1] != G * H || od[0] != H || od[1] != V || static_cast<long>(b_o.element_count()) != V ||
       nd[2] != V || ld[0] != B || ld[1] != V || Hp == 0) {
     return ffi::Error::InvalidArgument(
-        "seqjax lstm_sample: table, read-out, logits and noise do not agree on V, H and B, "
-        "or H does not split in partitions");
+        name + ": table, read-out, logits and noise do not agree on V, H and B, or H does not "
+               "split in partitions");
   }
-  if (bf16 && !kHaveBf16) return NoBf16("lstm_sample");
+  if (bf16 && !kHaveBf16) return NoBf16(kernel);
   if (int8 && (bf16 || !kHaveInt8)) {
     return ffi::Error::InvalidArgument(
-        bf16 ? "seqjax lstm_sample: int8 and bf16 both set; choose one"
-             : "seqjax lstm_sample: int8 matmuls need AVX512_VNNI, and this build has none (the "
-               "CPU it was built for lacks it)");
+        name + (bf16 ? ": int8 and bf16 both set; choose one"
+                     : ": int8 matmuls need AVX512_VNNI, and this build has none (the CPU it "
+                       "was built for lacks it)"));
   }
   struct Layer {
-    const float *w_x, *w_h, *b;
-    float *h, *c;  // the results: h_T, and c updated in place
+    const float *w_x, *w_h, *b, *bh;  // bh: the GRU's
+    float *h, *c;  // the results: h_T, and the LSTM's c updated in place
   };
   std::vector<Layer> layers(L);
   std::vector<float> hbuf(L * 2 * B * H);  // each layer's h, two steps' worth
+  const size_t carry = B * H, wide = G * H, square = G * H * H;
+  auto size = [](const ffi::ErrorOr<ffi::Buffer<ffi::F32>>& a) { return a->element_count(); };
   for (long l = 0; l < L; ++l) {
     auto w_x = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l);
     auto w_h = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 1);
     auto b = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 2);
-    auto h0 = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 3);
-    auto c0 = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 4);
-    auto h = carry_out.get<ffi::Buffer<ffi::F32>>(2 * l);
-    auto c = carry_out.get<ffi::Buffer<ffi::F32>>(2 * l + 1);
-    if (!w_x || !w_h || !b || !h0 || !c0 || !h || !c) {
-      return ffi::Error::InvalidArgument("seqjax lstm_sample: a layer's arrays are not float32");
+    auto fourth = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 3);  // LSTM: h0; GRU: bh
+    auto fifth = layer_args.get<ffi::Buffer<ffi::F32>>(5 * l + 4);  // LSTM: c0; GRU: h0
+    auto h = carry_out.get<ffi::Buffer<ffi::F32>>(carries * l);
+    if (!w_x || !w_h || !b || !fourth || !fifth || !h) {
+      return ffi::Error::InvalidArgument(name + ": a layer's arrays are not float32");
     }
-    const long carry = B * H;
-    if (w_h->element_count() != static_cast<size_t>(4 * H * H) ||
-        (l > 0 && (w_x->element_count() != static_cast<size_t>(4 * H * H) ||
-                   b->element_count() != static_cast<size_t>(4 * H))) ||
-        static_cast<long>(h0->element_count()) != carry ||
-        static_cast<long>(c0->element_count()) != carry ||
-        static_cast<long>((*h)->element_count()) != carry ||
-        static_cast<long>((*c)->element_count()) != carry) {
+    const auto& h0 = gru ? fifth : fourth;
+    if (size(w_h) != square || (l > 0 && (size(w_x) != square || size(b) != wide)) ||
+        size(fourth) != (gru ? wide : carry) || size(fifth) != carry ||
+        (*h)->element_count() != carry) {
       return ffi::Error::InvalidArgument(
-          "seqjax lstm_sample: layer " + std::to_string(l) +
-          "'s arrays do not match H: expected w_x, w_h [H,4H], b [4H], h0, c0 [B,H]");
+          name + ": layer " + std::to_string(l) + "'s arrays do not match H: expected " +
+          (gru ? "w_x, w_h [H,3H], b, bh [3H], h0 [B,H]" : "w_x, w_h [H,4H], b [4H], h0, c0 [B,H]"));
     }
-    layers[l] = {w_x->typed_data(), w_h->typed_data(), b->typed_data(), (*h)->typed_data(),
-                 (*c)->typed_data()};
+    layers[l] = {w_x->typed_data(), w_h->typed_data(), b->typed_data(),
+                 gru ? fourth->typed_data() : nullptr, (*h)->typed_data(), nullptr};
+    if (!gru) {
+      auto c = carry_out.get<ffi::Buffer<ffi::F32>>(carries * l + 1);
+      if (!c || (*c)->element_count() != carry) {
+        return ffi::Error::InvalidArgument(name + ": layer " + std::to_string(l) +
+                                           "'s c result is not float32 [B,H]");
+      }
+      layers[l].c = (*c)->typed_data();
+      std::memcpy(layers[l].c, fifth->typed_data(), carry * sizeof(float));
+    }
     std::memcpy(hbuf.data() + l * 2 * B * H, h0->typed_data(), carry * sizeof(float));
-    std::memcpy(layers[l].c, c0->typed_data(), carry * sizeof(float));
     if (T == 0) std::memcpy(layers[l].h, h0->typed_data(), carry * sizeof(float));
   }
 
   // Packed, per partition: each layer's panels (layer 0: w_h's; above it,
-  // w_x's over w_h's, or for int8 w_x's then w_h's, each quantized on its
-  // own as the cell's two matmuls are), bias, and (int8) the s_w and
-  // corrections of w_h, then of w_x ([N / 16, 32] each); then the table's
-  // columns [V, 4 Hp]. After all partitions, the read-out's panels [V16 /
-  // 16, H, 16] and bias [V16].
+  // the LSTM's w_x's over w_h's, one matmul, or w_x's then w_h's for the
+  // GRU, whose n gate takes the two sums apart, and for int8, each quantized
+  // on its own as the cell's two matmuls are), bias (the GRU's b, then bh),
+  // and (int8) the s_w and corrections of w_h, then of w_x ([N / 16, 32]
+  // each); then the table's columns [V, G Hp]. After all partitions, the
+  // read-out's panels [V16 / 16, H, 16] and bias [V16].
+  const bool apart = gru || int8;  // w_x's panels and w_h's, each on their own
+  const long biases = gru ? 2 : 1;
   const long V16 = (V + 15) / 16 * 16, panels = V16 / 16;
   std::vector<long> at(L + 1, 0);  // where each layer's panels start in a partition's block
-  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + 5 * N;
+  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + (biases + 4) * N;
   const long block = at[L] + V * N;
   Scratch packed(P * block + panels * 16 * H + V16);
   float* Wo = packed.data() + P * block;
   float* Bo = Wo + panels * 16 * H;
   auto share = [&](long n, long p) { return n * p / P; };  // p's read-out panels start here
-  std::vector<float> logits(B * V16), zbuf(P * B * N), pairs(bf16 || int8 ? P * B * 2 * Hu : 0);
+  std::vector<float> logits(B * V16), zbuf(P * (gru ? 2 : 1) * B * N);
+  std::vector<float> pairs(bf16 || int8 ? P * B * 2 * Hu : 0);
   std::vector<float> row_scales(int8 ? P * B : 0);  // int8: each operand row's s_a
   std::vector<int32_t> drawn(P * B);  // each partition's copy of the step's tokens
   for (long r = 0; r < B; ++r) {
@@ -1266,18 +1283,22 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     float* own = packed.data() + p * block;
     for (long l = 0; l < L; ++l) {
       float* to = own + at[l];
-      float* q = to + (l ? 2 * Hu : Hu) * N + N;
+      const long weights = (l ? 2 * Hu : Hu) * N;
+      float* q = to + weights + biases * N;
       if (l == 0) {
-        pack_columns(layers[0].w_h, H, nullptr, 0, 4, H, Hp, p, bf16, to, int8 ? q : nullptr);
-      } else if (int8) {
-        pack_columns(layers[l].w_x, H, nullptr, 0, 4, H, Hp, p, false, to, q + 2 * N);
-        pack_columns(layers[l].w_h, H, nullptr, 0, 4, H, Hp, p, false, to + Hu * N, q);
+        pack_columns(layers[0].w_h, H, nullptr, 0, G, H, Hp, p, bf16, to, int8 ? q : nullptr);
+      } else if (apart) {
+        pack_columns(layers[l].w_x, H, nullptr, 0, G, H, Hp, p, bf16, to,
+                     int8 ? q + 2 * N : nullptr);
+        pack_columns(layers[l].w_h, H, nullptr, 0, G, H, Hp, p, bf16, to + Hu * N,
+                     int8 ? q : nullptr);
       } else {
-        pack_columns(layers[l].w_x, H, layers[l].w_h, H, 4, H, Hp, p, bf16, to);
+        pack_columns(layers[l].w_x, H, layers[l].w_h, H, G, H, Hp, p, bf16, to);
       }
-      if (l) pack_bias(layers[l].b, 4, H, Hp, p, to + 2 * Hu * N);
+      if (l) pack_bias(layers[l].b, G, H, Hp, p, to + weights);
+      if (gru) pack_bias(layers[l].bh, G, H, Hp, p, to + weights + N);
     }
-    for (long v = 0; v < V; ++v) pack_bias(table.typed_data() + v * 4 * H, 4, H, Hp, p,
+    for (long v = 0; v < V; ++v) pack_bias(table.typed_data() + v * G * H, G, H, Hp, p,
                                            own + at[L] + v * N);
     for (long j = share(panels, p); j < share(panels, p + 1); ++j) {
       const __mmask16 live = first_lanes(V - 16 * j);
@@ -1316,40 +1337,49 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
       }
       return;
     }
-    float* z = zbuf.data() + p * B * N;
+    // z: the LSTM's gate sums; the GRU's input sums, then (zh) its recurrent ones
+    float* z = zbuf.data() + p * (gru ? 2 : 1) * B * N;
+    float* zh = gru ? z + B * N : z;
     float* hb = hbuf.data() + l * 2 * B * H;
     const float* hin = hb + (t & 1) * B * H;
     float* hnext = hb + ((t + 1) & 1) * B * H;
     float* pair = pairs.data() + p * B * 2 * Hu;
     float* rs = int8 ? row_scales.data() + p * B : nullptr;
     const float* w = own + at[l];
-    const float* q = w + (l ? 2 * Hu : Hu) * N + N;  // int8: w_h's s_w, then w_x's
-    // The int8 matmul z = b + a [B, H] w_l (panels Hu deep at w_l, s_w at q_l).
-    auto int8_matmul = [&](const float* a, const float* w_l, const float* q_l, const float* b,
-                           long ldb) {
-      const float* a_q = as_quads(B, a, H, pair, rs);
-      matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, z, N,
-                    Hu);
+    const long weights = (l ? 2 * Hu : Hu) * N;
+    const float* bias = w + weights;  // layer 0: none, the table's row is the input's sum
+    const float* bh = w + weights + N;  // the GRU's
+    const float* q = w + weights + biases * N;  // int8: w_h's s_w, then w_x's
+    // out = b + a [B, H] w_l (panels Hu deep at w_l; int8: s_w at q_l), b's
+    // rows ldb apart (0: one row).
+    auto layer_matmul = [&](const float* a, const float* w_l, const float* q_l, const float* b,
+                            long ldb, float* out) {
+      if (int8) {
+        const float* a_q = as_quads(B, a, H, pair, rs);
+        matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, out, N,
+                      Hu);
+      } else {
+        matmul(bf16, B, operand(bf16, B, a, H, pair), Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b,
+               out, N, ldb);
+      }
     };
-    if (l == 0) {  // draw the token; its row of the table starts the sums
+    if (l == 0) {  // draw the token; its row of the table starts the input's sums
       int32_t* tokens = drawn.data() + p * B;
       draw(t, tokens);
       for (long r = 0; r < B; ++r) {
         std::memcpy(z + r * N, own + at[L] + tokens[r] * N, N * sizeof(float));
         if (p == 0) TOKENS[r * T + t] = tokens[r];
       }
-      if (int8) {
-        int8_matmul(hin, w, q, z, N);
+      if (gru) {
+        layer_matmul(hin, w, q, bh, 0, zh);
       } else {
-        const float* h_in = operand(bf16, B, hin, H, pair);
-        matmul(bf16, B, h_in, Hu, w, nullptr, 0, nullptr, 16 * Hu, N, z, z, N, N);
+        layer_matmul(hin, w, q, z, N, z);
       }
     } else {  // the layer below's new h, then this layer's own
       const float* below = hbuf.data() + (l - 1) * 2 * B * H + ((t + 1) & 1) * B * H;
-      const float* bias = w + 2 * Hu * N;
-      if (int8) {  // as the cell: (b + x w_x) + h w_h
-        int8_matmul(below, w, q + 2 * N, bias, 0);
-        int8_matmul(hin, w + Hu * N, q, z, N);
+      if (apart) {  // as the cell: (b + x w_x) + h w_h, or the GRU's two sums
+        layer_matmul(below, w, q + 2 * N, bias, 0, z);
+        layer_matmul(hin, w + Hu * N, q, gru ? bh : z, gru ? 0 : N, zh);
       } else {
         const float* x = operand(bf16, B, below, H, pair);
         const float* h_in = operand(bf16, B, hin, H, pair + B * Hu);
@@ -1359,11 +1389,24 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     float* C = layers[l].c;
     for (long r = 0; r < B; ++r) {
       const float* zr = z + r * N;
+      const float* hr = zh + r * N;
       const long off = r * H + p * Hp;
       for (long j = 0; j < Hp; j += 16) {
-        const LstmGates s(zr + j, Hp, _mm512_loadu_ps(C + off + j));
-        const __m512 h = _mm512_mul_ps(s.o, tanh512(s.c));
-        _mm512_storeu_ps(C + off + j, s.c);
+        __m512 h;
+        if (gru) {  // as Gru's step
+          const __m512 rg = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(zr + j),
+                                                     _mm512_loadu_ps(hr + j)));
+          const __m512 zg = sigmoid512(_mm512_add_ps(_mm512_loadu_ps(zr + Hp + j),
+                                                     _mm512_loadu_ps(hr + Hp + j)));
+          const __m512 n = tanh512(_mm512_fmadd_ps(rg, _mm512_loadu_ps(hr + 2 * Hp + j),
+                                                   _mm512_loadu_ps(zr + 2 * Hp + j)));
+          const __m512 h_prev = _mm512_loadu_ps(hin + off + j);
+          h = _mm512_fmadd_ps(zg, _mm512_sub_ps(h_prev, n), n);  // (1 - z) n + z h
+        } else {
+          const LstmGates s(zr + j, Hp, _mm512_loadu_ps(C + off + j));
+          h = _mm512_mul_ps(s.o, tanh512(s.c));
+          _mm512_storeu_ps(C + off + j, s.c);
+        }
         _mm512_storeu_ps(hnext + off + j, h);
         if (t + 1 == T) _mm512_storeu_ps(layers[l].h + off + j, h);
       }
@@ -1373,6 +1416,18 @@ ffi::Error LstmSampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o
     std::memcpy(logits_out->typed_data() + r * V, logits.data() + r * V16, V * sizeof(float));
   }
   return ffi::Error::Success();
+}
+
+// The handlers' functions: Sample for the LSTM, or for the GRU.
+template <bool kGru>
+ffi::Error SampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o,
+                      ffi::Buffer<ffi::F32> b_o, ffi::Buffer<ffi::F32> logits0,
+                      ffi::Buffer<ffi::F32> noise, ffi::RemainingArgs layer_args,
+                      ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> logits,
+                      ffi::RemainingRets carry, int64_t partitions, bool bf16, float temperature,
+                      bool int8) {
+  return Sample(kGru, table, w_o, b_o, logits0, noise, layer_args, tokens, logits, carry,
+                partitions, bf16, temperature, int8);
 }
 
 // The plain and the saving forward loops' shared arguments and first
@@ -1475,16 +1530,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
                                              .Arg<ffi::Buffer<ffi::F32>>()  // b
                                              .Ret<ffi::Buffer<ffi::F32>>()));  // a^T b
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmSample, LstmSampleImpl,
-                              Attributes(ffi::Ffi::Bind()
-                                             .Arg<ffi::Buffer<ffi::F32>>()  // table
-                                             .Arg<ffi::Buffer<ffi::F32>>()  // w_o
-                                             .Arg<ffi::Buffer<ffi::F32>>()  // b_o
-                                             .Arg<ffi::Buffer<ffi::F32>>()  // logits0
-                                             .Arg<ffi::Buffer<ffi::F32>>()  // noise
-                                             .RemainingArgs()  // per layer: w_x, w_h, b, h0, c0
-                                             .Ret<ffi::Buffer<ffi::S32>>()  // tokens
-                                             .Ret<ffi::Buffer<ffi::F32>>()  // logits
-                                             .RemainingRets())  // per layer: h, c
-                                  .Attr<float>("temperature")
-                                  .Attr<bool>("int8"));
+// The sampling loops' binding (Sample): per layer, the LSTM's w_x, w_h, b,
+// h0, c0 and results h, c; the GRU's w_x, w_h, b, bh, h0 and result h.
+auto SampleBinding() {
+  return Attributes(ffi::Ffi::Bind()
+                        .Arg<ffi::Buffer<ffi::F32>>()  // table
+                        .Arg<ffi::Buffer<ffi::F32>>()  // w_o
+                        .Arg<ffi::Buffer<ffi::F32>>()  // b_o
+                        .Arg<ffi::Buffer<ffi::F32>>()  // logits0
+                        .Arg<ffi::Buffer<ffi::F32>>()  // noise
+                        .RemainingArgs()  // the layers' arrays
+                        .Ret<ffi::Buffer<ffi::S32>>()  // tokens
+                        .Ret<ffi::Buffer<ffi::F32>>()  // logits
+                        .RemainingRets())  // the layers' carries
+      .Attr<float>("temperature")
+      .Attr<bool>("int8");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmSample, SampleImpl<false>, SampleBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruSample, SampleImpl<true>, SampleBinding());

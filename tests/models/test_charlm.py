@@ -1,6 +1,8 @@
 """The char-LM: layout, causality, regularisers (on in training, off at eval),
 variational masks shared over time, the loss, and the decoding step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -172,12 +174,22 @@ def test_needs_a_vocabulary():
     (dict(hidden_size=32), dict(temperature=0.8), True),
     (dict(hidden_size=32, embed_size=32, tie_weights=True), dict(temperature=0.0), True),
     (dict(hidden_size=32), dict(top_k=5), False),       # top-k: decoding.generate
-    (dict(hidden_size=32, cell="gru"), dict(), False),   # not an LSTM
+    (dict(hidden_size=32, cell="gru"), dict(), True),
+    (dict(hidden_size=64, cell="gru", num_layers=1), dict(temperature=0.0), True),
+    (dict(hidden_size=32, cell="elman"), dict(), False),  # no sampling kernel
+    (dict(hidden_size=32, cell="gru", reset_after=False), dict(), False),  # nor for this GRU
 ])
 def test_generate_draws_what_decoding_generate_draws(overrides, settings, native_call):
   """The char-LM's own sampler, on the native kernel where it can, draws the
   tokens decoding.generate draws from decode_step, and returns the same state."""
+  overrides = dict(overrides)
+  reset_after = overrides.pop("reset_after", True)
   _, model, batch, variables = _setup(**overrides)
+  if not reset_after:  # the original GRU form, which charlm's config does not offer
+    model = model.clone(cells=tuple(dataclasses.replace(c, reset_after=False)
+                                    for c in model.cells))
+    variables = model.init(jax.random.key(1), batch, None)
+    assert "b_hn" not in variables["params"]["rnn"]["layer_0"]
   # float32, as without x64 (the tests enable it; the embedding would be float64)
   params = jax.tree.map(lambda a: a.astype(jnp.float32), variables["params"])
   step = charlm.decode_step(model)
@@ -188,7 +200,9 @@ def test_generate_draws_what_decoding_generate_draws(overrides, settings, native
   reference = jax.jit(lambda c, l: decoding.generate(step, params, c, l, key, length, start=3,
                                                      **settings))
   lowered = ours.lower(carry, logits).as_text()
-  assert ("seqjax_lstm_sample" in lowered) == (native_call and native.status() == "ready")
+  kernel = f"seqjax_{model.cells[0].__class__.__name__.lower()}_sample"
+  assert (kernel in lowered) == (native_call and native.status() == "ready")
+  assert "_sample" not in lowered.replace(kernel, "")
   (got_carry, got_logits, got), (want_carry, want_logits, want) = ours(carry, logits), \
       reference(carry, logits)
   np.testing.assert_array_equal(got, want)
