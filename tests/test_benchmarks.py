@@ -221,6 +221,22 @@ def test_memory(tmp_path):
 
 
 @pytest.mark.skipif(native.status() != "ready", reason="short_calls.py times the native kernels")
+def test_call_times(tmp_path):
+  payload, out = _run("call_times", tmp_path)
+  rows, config = payload["results"], payload["config"]
+  settings = ("after_compile", "after_pause", "in_a_row")
+  assert {(r["cell"], r["T"], r["setting"]) for r in rows} == {
+      (c, t, s) for c in ("lstm", "gru") for t in config["steps"] for s in settings}
+  for r in rows:
+    calls = config["calls_in_a_row"] if r["setting"] == "in_a_row" else (
+        config["compiles"] * config["per_compile"])
+    assert r["calls"] == calls
+    assert 0 < r["median_ms"] <= r["p90_ms"] <= r["max_ms"] and r["mean_ms"] <= r["max_ms"]
+    assert 0 <= r["slow_calls"] < r["calls"]  # over 3x the median: never all of them
+  assert config["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
+  assert "over 3x the median" in out
+
+
 def test_short_calls(tmp_path):
   payload, out = _run("short_calls", tmp_path)
   rows = payload["results"]

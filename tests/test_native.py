@@ -551,10 +551,63 @@ def test_the_reverse_kernel_equals_the_xla_reverse_loop(kind, b, t, d, h, masks)
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=str(i))
 
 
+def _every_kernel():
+  """Each kernel's outputs on a few calls, numpy arrays by name: both cells'
+  forward loops and gradients (the saving and reverse loops and the outer
+  sums) on a short call and on one of tens of milliseconds, and both
+  samplers."""
+  out = {}
+  def keep(name, tree):
+    out.update({f"{name}{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))})
+  for kind in KINDS:
+    scan = _scan(kind)
+    loss = lambda p, x, c: sum(jnp.sum(jnp.sin(a)) for a in scan(p, x, *c, None, None, None))
+    for b, t, d, h in [(4, 6, 3, 64), (16, 300, 32, 128)]:
+      params, xs, *carry = _problem(b, t, d, h, kind=kind)
+      keep(f"{kind}{t}_forward", jax.jit(KERNELS[kind])(params, xs, *carry))
+      keep(f"{kind}{t}_gradient",
+           jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, xs, carry))
+    cell, params, embed, head = _sampling_model(128, 65, 2, kind=kind)
+    carry = [cell.initial_carry((8,))] * 2
+    noise = decoding.gumbel_noise(jax.random.key(0), (8, 65), 200)
+    keep(f"{kind}_sample", jax.jit(SAMPLERS[kind][1])(
+        cell.project(params[0], embed), params, head, carry, jnp.zeros((8, 65), jnp.float32),
+        noise))
+  return out
+
+
+@pytest.mark.slow  # ~25 s: two runs of every kernel, one in a fresh process
+def test_late_workers_change_nothing(tmp_path, monkeypatch):
+  """A call does not wait for its worker threads: one that is late
+  (SEQJAX_NATIVE_LATE_WORKERS_US: each worker waits 2 ms once woken, as one
+  off its core would) joins a call part-way or not at all, the others taking
+  its partitions, and every value comes out the same, bit for bit."""
+  code = textwrap.dedent("""
+      import sys
+      import jax, numpy as np
+      jax.config.update("jax_enable_x64", True)  # as the tests run
+      from tests.test_native import _every_kernel
+      np.savez(sys.argv[1], **_every_kernel())
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, SEQJAX_NATIVE_THREADS="2", SEQJAX_NATIVE_LATE_WORKERS_US="2000")
+  late = tmp_path / "late.npz"
+  run = subprocess.run([sys.executable, "-c", code, str(late)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  monkeypatch.setenv("SEQJAX_NATIVE_THREADS", "2")
+  want = _every_kernel()
+  got = np.load(late)
+  assert sorted(got.files) == sorted(want) and len(want) > 30
+  for name, w in want.items():
+    np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
 @pytest.mark.slow  # ~16 s: a fresh process importing jax and running the kernels
 def test_a_fresh_process_starts_its_workers_and_finishes():
-  """The first split call starts the pool's worker; a worker that missed its
-  start would leave the call waiting forever (here: the subprocess timeout)."""
+  """The first split calls start the pool's worker, in a fresh process, and
+  finish with the right values (a call that waited for a worker that missed
+  its start would hang: the subprocess timeout)."""
   code = textwrap.dedent("""
       import jax, numpy as np
       from seqjax import native

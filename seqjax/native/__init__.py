@@ -23,7 +23,10 @@ x86-64 CPU with AVX-512; elsewhere, or with ``SEQJAX_NATIVE=0``, or if the
 build fails (a warning says why), seqjax runs the XLA path: same results to
 float32 rounding, slower on CPU. :func:`status` says which applies.
 ``SEQJAX_NATIVE_THREADS`` sets how many threads share a step (default: the
-CPUs this process may use, capped by a container's CPU quota).
+CPUs this process may use, capped by a container's CPU quota). A call does
+not wait for a thread that is late (asleep, or off its core): the others
+take its share of a step until it joins (``SEQJAX_NATIVE_LATE_WORKERS_US``,
+for tests, makes every worker thread that late).
 :func:`disabled` traces a block's functions on the XLA path, to compare the two.
 """
 

@@ -3,9 +3,9 @@
 // XLA:CPU runs each per-step matmul of a lax.scan recurrence on one core; here
 // the hidden units are split into P partitions, each owning the gate columns
 // of its units, so each partition's step is small matmuls and its own gate
-// math, and threads meet once a step (a spin barrier) to exchange h. Every
-// output element is summed in the same order whatever P is, so results do not
-// depend on the thread count.
+// math, and threads meet once a step (each waits for the count of partitions
+// done) to exchange h. Every output element is summed in the same order
+// whatever P is, so results do not depend on the thread count.
 //
 // Semantics: seqjax.fused's loops. The forward loops (LSTM, GRU), optionally
 // saving what the backward pass reads, and the backward passes' reverse
@@ -33,8 +33,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -87,10 +89,14 @@ inline __m512 tanh512(__m512 x) {
   return _mm512_mask_blend_ps(tiny, t, x);
 }
 
-// A persistent pool: the caller plus workers run job(rank) for rank < ranks,
-// meeting at barrier() once a step. Workers are started as calls first need
-// them, spin a little after a job, then sleep, so they do not take the cores
-// from the rest of the program. Callers take busy() first: one job at a time.
+// A persistent pool: the caller plus workers run job(rank) for rank < ranks.
+// Workers are started as calls first need them, spin a little after a job,
+// then sleep, so they do not take the cores from the rest of the program.
+// A call does not wait for its workers to wake: job(0) runs at once, and a
+// worker that wakes while the call is still open joins it; once job(0) is
+// done the call closes, and returns when the workers that joined have left
+// (so job must not need every rank: see run_steps). Callers take busy()
+// first: one job at a time.
 class Pool {
  public:
   static Pool& get() {
@@ -106,36 +112,42 @@ class Pool {
       workers_.emplace_back([this, rank, before] { work(rank, before); });
       workers_.back().detach();
     }
-    ranks_ = ranks;
     job_ = &job;
-    arrived_.store(0);
-    done_.store(0);
+    left_.store(0, std::memory_order_relaxed);
     {
       // The generation and its rank count change together, in one word, so a
       // worker never pairs one call's generation with another's rank count.
       std::lock_guard<std::mutex> lock(mu_);
       const uint64_t next = (word_.load() >> 16) + 1;
+      entry_.store(next << 32, std::memory_order_release);
       word_.store(next << 16 | static_cast<uint64_t>(ranks), std::memory_order_release);
     }
     cv_.notify_all();
     job(0);
-    while (done_.load(std::memory_order_acquire) != ranks - 1) _mm_pause();
-  }
-
-  void barrier() {
-    const int ranks = ranks_;
-    const uint32_t sense = sense_.load(std::memory_order_relaxed);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == ranks - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      sense_.store(sense + 1, std::memory_order_release);
-      return;
-    }
-    for (long spin = 0; sense_.load(std::memory_order_acquire) == sense; ++spin) {
-      if (spin < 4000) _mm_pause(); else std::this_thread::yield();
-    }
+    const uint64_t joined = entry_.fetch_or(kClosed, std::memory_order_acq_rel) & kJoined;
+    while (left_.load(std::memory_order_acquire) != joined) _mm_pause();
   }
 
  private:
+  // entry_: the open call's generation (low 32 bits) << 32, the workers that
+  // joined it, and kClosed once it takes no more.
+  static constexpr uint64_t kClosed = uint64_t{1} << 31, kJoined = kClosed - 1;
+
+  Pool() {
+    // For tests: each worker waits this long once woken, before it joins a
+    // call, as one off its core would (tests/test_native.py).
+    if (const char* late = std::getenv("SEQJAX_NATIVE_LATE_WORKERS_US")) late_us_ = std::atol(late);
+  }
+
+  // Joins call `generation` if it is still the open one.
+  bool join(uint64_t generation) {
+    uint64_t entry = entry_.load(std::memory_order_acquire);
+    while ((entry >> 32) == (generation & 0xffffffff) && !(entry & kClosed)) {
+      if (entry_.compare_exchange_weak(entry, entry + 1, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  }
+
   void work(int rank, uint64_t seen) {
     for (;;) {
       uint64_t word = seen;
@@ -148,9 +160,10 @@ class Pool {
         cv_.wait(lock, [&] { return (word = word_.load(std::memory_order_acquire)) != seen; });
       }
       seen = word;
-      if (rank < static_cast<int>(word & 0xffff)) {  // a rank of this call
+      if (late_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(late_us_));
+      if (rank < static_cast<int>(word & 0xffff) && join(word >> 16)) {  // a rank of this call
         (*job_)(rank);
-        done_.fetch_add(1, std::memory_order_acq_rel);
+        left_.fetch_add(1, std::memory_order_acq_rel);
       }
     }
   }
@@ -159,10 +172,10 @@ class Pool {
   std::mutex busy_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> word_{0};  // generation << 16 | ranks
-  std::atomic<int> arrived_{0}, done_{0};
-  std::atomic<uint32_t> sense_{0};
-  int ranks_ = 1;
+  std::atomic<uint64_t> entry_{0};
+  std::atomic<uint64_t> left_{0};
   const std::function<void(int)>* job_ = nullptr;
+  long late_us_ = 0;
 };
 
 // Memory kept from call to call for the packed weights: a fresh allocation
@@ -572,27 +585,58 @@ Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, l
 }
 
 // Runs pack(p) for every partition p, then step(t, p) for every step t and
-// partition p, partitions shared among the pool's threads (pack(p) runs on
-// the thread that steps p), all meeting after each step. A call that finds
-// the pool busy (another recurrence running at the same time) runs alone.
+// partition p, all partitions of a step done before any of the next starts:
+// phase 0 packs, phase t + 1 runs step t. The partitions are shared among the
+// pool's threads, each first taking its own (p = rank, rank + ranks, ...),
+// so a partition's packed weights stay in the cache of the thread that
+// packed them. A thread that is late (not yet woken for this call, or off
+// its core between steps) does not hold the others back: one that has run
+// its own partitions and waits takes any of the phase's partitions no one
+// has started (one compare-and-swap on the partition's next phase), and the
+// late thread joins in where the others are. Every output is computed the
+// same way whichever thread runs it. A call that finds the pool busy
+// (another recurrence running at the same time) runs alone.
 template <class Pack, class Step>
 void run_steps(long T, long P, const Pack& pack, const Step& step) {
   if (T <= 0) return;  // no steps: nothing to pack for
   Pool& pool = Pool::get();
   std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
   const long ranks = lock.owns_lock() ? std::min<long>(P, 1024) : 1;  // P: Python's threads()
-  std::function<void(int)> job = [&](int rank) {
-    for (long p = rank; p < P; p += ranks) pack(p);
+  if (ranks == 1) {
+    for (long p = 0; p < P; ++p) pack(p);
     for (long t = 0; t < T; ++t) {
-      for (long p = rank; p < P; p += ranks) step(t, p);
-      if (ranks > 1) pool.barrier();
+      for (long p = 0; p < P; ++p) step(t, p);
+    }
+    return;
+  }
+  struct alignas(64) Next {  // a partition's next phase, on a cache line of its own
+    std::atomic<long> phase{0};
+  };
+  std::vector<Next> next(P);
+  alignas(64) std::atomic<long> done{0};  // partition-phases done
+  std::function<void(int)> job = [&](int rank) {
+    for (long phase = 0; phase <= T; ++phase) {
+      auto run = [&](long p) {  // partition p's phase, unless another thread has it
+        long expected = phase;
+        if (next[p].phase.load(std::memory_order_relaxed) != phase ||
+            !next[p].phase.compare_exchange_strong(expected, phase + 1,
+                                                   std::memory_order_acq_rel)) {
+          return;
+        }
+        if (phase == 0) pack(p); else step(phase - 1, p);
+        done.fetch_add(1, std::memory_order_release);  // after the kernels' own sfence
+      };
+      for (long p = rank; p < P; p += ranks) run(p);
+      const long target = P * (phase + 1);
+      for (long spin = 0; done.load(std::memory_order_acquire) < target; ++spin) {
+        if (spin % 64 == 63) {
+          for (long p = 0; p < P; ++p) run(p);  // a late thread's partitions
+        }
+        if (spin < 4000) _mm_pause(); else std::this_thread::yield();
+      }
     }
   };
-  if (ranks == 1) {
-    job(0);
-  } else {
-    pool.run(static_cast<int>(ranks), job);
-  }
+  pool.run(static_cast<int>(ranks), job);
 }
 
 // An LSTM step's gates for 16 units, from their pre-activations z (the four
