@@ -220,7 +220,6 @@ def test_memory(tmp_path):
   assert "| 256 |" in out  # the README table
 
 
-@pytest.mark.skipif(native.status() != "ready", reason="short_calls.py times the native kernels")
 def test_call_times(tmp_path):
   payload, out = _run("call_times", tmp_path)
   rows, config = payload["results"], payload["config"]
@@ -234,9 +233,11 @@ def test_call_times(tmp_path):
     assert 0 < r["median_ms"] <= r["p90_ms"] <= r["max_ms"] and r["mean_ms"] <= r["max_ms"]
     assert 0 <= r["slow_calls"] < r["calls"]  # over 3x the median: never all of them
   assert config["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
+  assert config["seqjax_native"] == native.status()  # without the kernels: the XLA path's calls
   assert "over 3x the median" in out
 
 
+@pytest.mark.skipif(native.status() != "ready", reason="short_calls.py times the native kernels")
 def test_short_calls(tmp_path):
   payload, out = _run("short_calls", tmp_path)
   rows = payload["results"]
