@@ -23,6 +23,11 @@ T) runs in a fresh process, which reports:
   ``--max-gib``,
 - the process's peak resident memory (``VmHWM``: everything, the JAX runtime
   and the compiler included) and the median wall time of a training step.
+
+On a GPU the peak that matters is the device's: each row then also holds the
+allocator's ``peak_bytes_in_use`` (``memory_stats()``), which the table, the
+plot and the printout show instead of the host's, and the README table is
+``memory_gpu``.
 """
 
 from __future__ import annotations
@@ -120,8 +125,26 @@ def measure(variant: str, steps: int, hidden: int, batch: int, chunk: int, max_g
   sampler.join()
   row.update(step_s=common.spread(times), tokens_per_s=batch * steps / common.median(times),
              loss=losses[0], peak_rss_bytes=_rss_bytes("VmHWM"),
-             rss_before_step_bytes=before, step_rss_increase_bytes=peak[0] - before)
+             rss_before_step_bytes=before, step_rss_increase_bytes=peak[0] - before,
+             backend=jax.default_backend())
+  if row["backend"] != "cpu":
+    row["peak_device_bytes"] = jax.local_devices()[0].memory_stats()["peak_bytes_in_use"]
   return row
+
+
+def _peak(row) -> int:
+  """The row's peak memory: the device's where it ran on one, else the process's RSS."""
+  return row.get("peak_device_bytes", row["peak_rss_bytes"])
+
+
+def _peak_name(results) -> str:
+  return "peak device memory" if any("peak_device_bytes" in r for r in results) else "peak RSS"
+
+
+def _marker(results) -> str:
+  """The README table's marker: ``memory``, or ``memory_gpu`` for a GPU run."""
+  backends = {r.get("backend", "cpu") for r in results} - {"cpu"}
+  return f"memory_{backends.pop()}" if backends else "memory"
 
 
 def _worker(argv) -> None:
@@ -144,7 +167,8 @@ def _gib(n: float) -> str:
 def markdown(results) -> str:
   """The README table: one row per T, the two variants side by side."""
   by = {(r["variant"], r["T"]): r for r in results}
-  lines = ["| T | stored: peak RSS (XLA plan), GiB | stored: s/step | remat: peak RSS "
+  peak = _peak_name(results)
+  lines = [f"| T | stored: {peak} (XLA plan), GiB | stored: s/step | remat: {peak} "
            "(XLA plan), GiB | remat: s/step | remat / stored time |", "|---|---|---|---|---|---|"]
   for t in sorted({r["T"] for r in results}):
     cells, times = [], {}
@@ -158,7 +182,7 @@ def markdown(results) -> str:
         cells += [f"not run ({plan} planned)", "—"]
       else:
         times[variant] = r["step_s"]["median"]
-        cells += [f"{_gib(r['peak_rss_bytes'])} ({plan})", f"{times[variant]:.2f}"]
+        cells += [f"{_gib(_peak(r))} ({plan})", f"{times[variant]:.2f}"]
     ratio = (f"{times['remat'] / times['stored']:.2f}" if len(times) == 2 else "—")
     lines.append(f"| {t:,} | " + " | ".join(cells) + f" | {ratio} |")
   return "\n".join(lines)
@@ -175,8 +199,8 @@ def plot(results, path) -> None:
     ax_mem.plot([r["T"] for r in rows], [r["xla_plan_bytes"]["total"] / GIB for r in rows],
                 "--", color=color, label=f"{variant}: XLA plan")
     ran = [r for r in rows if "skipped" not in r]
-    ax_mem.plot([r["T"] for r in ran], [r["peak_rss_bytes"] / GIB for r in ran], "o-",
-                color=color, label=f"{variant}: peak RSS")
+    ax_mem.plot([r["T"] for r in ran], [_peak(r) / GIB for r in ran], "o-",
+                color=color, label=f"{variant}: {_peak_name(results)}")
     ax_time.plot([r["T"] for r in ran], [r["step_s"]["median"] for r in ran], "o-",
                  color=color, label=variant)
   ax_mem.axhline(2.0, color="gray", lw=0.8)
@@ -207,17 +231,20 @@ def main(argv=None):
                       help="timed steps per configuration (1 for T > 4096)")
   args = parser.parse_args(argv)
   if args.table_from:
-    return common.table_from(args.table_from, "memory", markdown)
+    results = json.loads(args.table_from.read_text())["results"]
+    return common.readme_table(_marker(results), markdown, results, update=True)
   if args.quick:
     steps, hidden, batch, chunk, repeats = [256], 32, 4, 16, 2
   else:
     steps, hidden, batch, chunk, repeats = args.steps, HIDDEN, BATCH, args.chunk, args.repeats
+  config = dict(vocab=VOCAB, embed=EMBED, H=hidden, B=batch, chunk=chunk, steps=steps,
+                max_gib=args.max_gib, repeats=repeats)
   results = []
   for t in steps:
     for variant in VARIANTS:
-      config = dict(variant=variant, steps=t, hidden=hidden, batch=batch, chunk=chunk,
-                    max_gib=args.max_gib, repeats=repeats if t <= 4096 else 1)
-      done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)],
+      job = dict(variant=variant, steps=t, hidden=hidden, batch=batch, chunk=chunk,
+                 max_gib=args.max_gib, repeats=repeats if t <= 4096 else 1)
+      done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
                             capture_output=True, text=True, check=False,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
       if done.returncode != 0:
@@ -228,14 +255,12 @@ def main(argv=None):
       if "skipped" in row:
         print(f"T={t:>6} {variant:>6}: {row['skipped']}", flush=True)
       else:
-        print(f"T={t:>6} {variant:>6}: peak RSS {row['peak_rss_bytes'] / GIB:.2f} GiB, "
+        print(f"T={t:>6} {variant:>6}: {_peak_name([row])} {_peak(row) / GIB:.2f} GiB, "
               f"XLA plan {row['xla_plan_bytes']['total'] / GIB:.2f} GiB, "
               f"{row['step_s']['median']:.2f} s/step, loss {row['loss']:.4f}", flush=True)
-  config = dict(vocab=VOCAB, embed=EMBED, H=hidden, B=batch, chunk=chunk, steps=steps,
-                max_gib=args.max_gib, repeats=repeats)
-  common.write(args.out, "memory", config, results)
+      common.write(args.out, "memory", config, results)  # a run cut short keeps these
   plot(results, (args.plots or args.out.parent) / f"{args.out.stem}.png")
-  print(common.readme_table("memory", markdown, results, update=args.update_readme))
+  print(common.readme_table(_marker(results), markdown, results, update=args.update_readme))
 
 
 if __name__ == "__main__":

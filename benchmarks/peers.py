@@ -12,7 +12,8 @@ For each cell (LSTM, GRU), size and mode it times one call of every contender:
 Contenders: ``seqjax`` (``seqjax.scan``, default options: on CPU, inference
 and training run the native kernels of :mod:`seqjax.native` where they are
 built; the config records ``native.status()``), ``seqjax_xla`` (the same with
-the kernels off, so seqjax's ratio to it is what the kernels gain), ``torch``
+the kernels off, so seqjax's ratio to it is what the kernels gain; CPU only),
+``torch``
 (``nn.LSTM``/``nn.GRU``, oneDNN on CPU, cuDNN on a GPU), ``flax`` (``nn.RNN``
 over ``OptimizedLSTMCell``/``GRUCell``), ``keras`` (Keras 3 ``LSTM``/``GRU`` on
 the JAX backend, ``train_on_batch``/``predict_on_batch``; left out where Keras
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -54,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqjax  # noqa: E402
-from seqjax import cells, native  # noqa: E402
+from seqjax import cells, fused, native  # noqa: E402
 
 SIZES = {"a": dict(B=32, T=128, D=256, H=256),
          "b": dict(B=64, T=256, D=512, H=512),
@@ -74,9 +76,11 @@ def backend() -> str:
   return jax.default_backend()
 
 
-def results_name() -> str:
-  """The results' name, its JSON's and README table's: ``peers``, or ``peers_gpu``."""
-  return "peers" if backend() == "cpu" else f"peers_{backend()}"
+def results_name(on: str | None = None) -> str:
+  """The results' name, its JSON's and README table's: ``peers``, or
+  ``peers_gpu``, for results measured ``on`` a backend (default: this one's)."""
+  on = on or backend()
+  return "peers" if on == "cpu" else f"peers_{on}"
 
 
 def flops_per_token(cell_name, size, mode):
@@ -235,6 +239,9 @@ def unavailable(name) -> str | None:
   if name == "cudnn" and backend() != "gpu":
     return (f"cudnn needs a GPU: jax.experimental.rnn.lstm lowers only for CUDA and ROCm, "
             f"and JAX's backend here is {backend()}")
+  if name == "seqjax_xla" and backend() != "cpu":
+    return (f"seqjax_xla is seqjax with the native CPU kernels off; on {backend()} seqjax "
+            f"runs the XLA path already, so it would time the same call twice")
   if name == "cudnn" and importlib.util.find_spec("jax.experimental.rnn") is None:
     return f"cudnn needs jax.experimental.rnn, which JAX {jax.__version__} does not have"
   if name in ("torch", "flax", "keras") and importlib.util.find_spec(name) is None:
@@ -318,7 +325,9 @@ def main(argv=None):
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    common.table_from(args.table_from, results_name(), markdown)
+    payload = json.loads(args.table_from.read_text())
+    common.readme_table(results_name(payload["config"]["backend"]), markdown,
+                        payload["results"], update=True)
     return
   if args.contenders is None:
     contenders = [name for name in CONTENDERS if unavailable(name) is None]
@@ -335,6 +344,10 @@ def main(argv=None):
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
+  config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
+                peak_matmul=peak_n, backend=backend(), precision=_precision(contenders),
+                seqjax_native=native.status(), fused_loop_unroll=fused._unroll(),
+                reuse_freed_memory=reuse)
   results = []
   for cell_name in args.cells.split(","):
     for size_name, size in sizes.items():
@@ -347,10 +360,7 @@ def main(argv=None):
             f"({r['fraction_of_peak']['median']:.0%})" for r in rows if "contender" in r)
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
               f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
-  config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
-                peak_matmul=peak_n, backend=backend(), precision=_precision(contenders),
-                seqjax_native=native.status(), reuse_freed_memory=reuse)
-  common.write(args.out, results_name(), config, results)
+        common.write(args.out, results_name(), config, results)  # a run cut short keeps these
   print(common.readme_table(results_name(), markdown, results, update=args.update_readme))
 
 

@@ -119,7 +119,7 @@ def main(argv=None):
   suffix = "" if args.cell == "lstm" else f"_{args.cell}"
   args.out = args.out or common.RESULTS / f"sampling{suffix}.json"
   make_cell = CELLS[args.cell][0]
-  kernels = native.status() == "ready"
+  kernels = jax.default_backend() == "cpu" and native.status() == "ready"  # CPU kernels
   if args.quick:
     hidden, length, batches, repeats = 16, 20, (1, 4), 2
   else:

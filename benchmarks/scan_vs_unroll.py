@@ -15,7 +15,9 @@ the fully unrolled Python loop (``seqjax.unroll``):
 The process keeps the memory it frees for reuse (``native.reuse_freed_memory``,
 as ``seqjax train`` and the other benchmarks do).
 
-Writes JSON and two PNGs: run time vs T and compile time vs T, one panel per cell.
+Writes JSON (after each cell, so a run cut short keeps the cells it finished)
+and two PNGs named after it (``<stem>_time.png``, ``<stem>_compile.png``): run
+time vs T and compile time vs T, one panel per cell.
 """
 
 from __future__ import annotations
@@ -62,14 +64,14 @@ def measure(cell_name, t, method, unroll, batch, hidden, repeats):
   return row
 
 
-def plot(results, folder):
+def plot(results, folder, stem="scan_vs_unroll"):
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   cell_names = sorted({r["cell"] for r in results})
-  for quantity, label, name in (("train_s", "training step (s)", "scan_vs_unroll_time.png"),
+  for quantity, label, name in (("train_s", "training step (s)", f"{stem}_time.png"),
                                 ("train_compile_s", "compile time, training (s)",
-                                 "scan_vs_unroll_compile.png")):
+                                 f"{stem}_compile.png")):
     fig, axes = plt.subplots(1, len(cell_names), figsize=(5 * len(cell_names), 4),
                              squeeze=False)
     for ax, cell_name in zip(axes[0], cell_names):
@@ -94,14 +96,23 @@ def main(argv=None):
   reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "scan_vs_unroll")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
+                      help="sequence lengths T")
+  parser.add_argument("--unrolls", type=int, nargs="+", default=list(UNROLLS),
+                      help="scan's unroll factors")
+  parser.add_argument("--full-unroll-max-t", type=int, default=FULL_UNROLL_MAX_T,
+                      help="time the fully unrolled loop up to this T")
+  parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
   args = parser.parse_args(argv)
   if args.quick:
     lengths, unrolls, batch, hidden, repeats, full_max = (8, 16), (1, 2), 2, 4, 1, 16
   else:
     lengths, unrolls, batch, hidden, repeats, full_max = (
-        LENGTHS, UNROLLS, 16, 128, args.repeats, FULL_UNROLL_MAX_T)
+        tuple(args.lengths), tuple(args.unrolls), 16, 128, args.repeats, args.full_unroll_max_t)
+  config = dict(cells=args.cells, lengths=lengths, unrolls=unrolls, B=batch, D=hidden, H=hidden,
+                repeats=repeats, full_unroll_max_t=full_max, reuse_freed_memory=reuse)
   results = []
-  for cell_name in CELLS:
+  for cell_name in args.cells:
     for t in lengths:
       variants = [("scan", u) for u in unrolls]
       if t <= full_max:
@@ -112,10 +123,8 @@ def main(argv=None):
         print(f"{cell_name} T={t} {method} unroll={row['unroll']}: train "
               f"{row['train_s'] * 1e3:.2f} ms (compile {row['train_compile_s']:.2f} s), "
               f"forward {row['forward_s'] * 1e3:.2f} ms", flush=True)
-  config = dict(lengths=lengths, unrolls=unrolls, B=batch, D=hidden, H=hidden,
-                repeats=repeats, full_unroll_max_t=full_max, reuse_freed_memory=reuse)
-  common.write(args.out, "scan_vs_unroll", config, results)
-  plot(results, args.plots or args.out.parent)
+    common.write(args.out, "scan_vs_unroll", config, results)  # each cell's, as it ends
+  plot(results, args.plots or args.out.parent, args.out.stem)
 
 
 if __name__ == "__main__":

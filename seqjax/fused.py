@@ -1,4 +1,4 @@
-"""Whole-sequence LSTM and GRU with hand-written backward passes (the CPU fast path).
+"""Whole-sequence LSTM and GRU with hand-written backward passes (the fast path).
 
 ``jax.grad`` of a ``lax.scan`` LSTM accumulates the weight gradients inside the
 reverse loop: every step adds an [H, 4H] outer product into an accumulator
@@ -36,7 +36,7 @@ gradient is taken) and its backward pass's reverse loop
 (``_lstm_reverse``/``_gru_reverse``), also with ``matmul_dtype="bfloat16"``
 on CPUs with AVX512_BF16. The weight gradients after the loops and every
 other case (other dtypes, other ``matmul_dtype``, other backends) run the
-XLA code here.
+XLA code here; on a GPU those loops run 16 steps an iteration (``_UNROLL``).
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
@@ -164,6 +164,21 @@ def _kernel_or_xla(use_kernel: bool, kernel, xla, *args):
   return run(*args)
 
 
+# The XLA loops' unroll factor, by JAX backend (1 where not named). On a GPU
+# each loop iteration launches its kernels and waits on the previous ones, so
+# at the benchmark sizes the loop itself was the cost: on an H100, 16 steps an
+# iteration ran these loops 1.7-3.9x faster than 1 (geometric mean 2.4x over
+# LSTM/GRU training and inference at two sizes; 8 steps: 2.3x), measured by
+# benchmarks/loop_unroll.py ("On a GPU" in benchmarks/README.md). On CPU the
+# loop costs little beside a step, and the native kernels run most calls.
+_UNROLL = {"gpu": 16}
+
+
+def _unroll() -> int:
+  """How many steps each XLA loop's iteration runs on the current default backend."""
+  return _UNROLL.get(jax.default_backend(), 1)
+
+
 def _like(grads, params):
   """Gradients in their parameters' dtypes (float32 weights, float64 inputs)."""
   return {k: g.astype(params[k].dtype) for k, g in grads.items()}
@@ -210,7 +225,7 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool, matmul_dtype):
       saved = (h, p, o * (1 - tc * tc), f)
     return (h_new, c_new), (y, saved)
 
-  (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (xs, valid, resets))
+  (h, c), (ys, saved) = jax.lax.scan(step, (h0, c0), (xs, valid, resets), unroll=_unroll())
   return (h, c, ys), saved
 
 
@@ -324,7 +339,8 @@ def _lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets, matmul_dtype,
       dc_in = jnp.where(r, jnp.zeros_like(dc_in), dc_in)
     return (dh_in, dc_in), dz
 
-  carry, dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets), reverse=True)
+  carry, dz = jax.lax.scan(step, (dh_t, dc_t), (dys, ps, ks, fs, valid, resets), reverse=True,
+                           unroll=_unroll())
   return carry, _time_major(dz, batch_major)
 
 
@@ -397,7 +413,7 @@ def _gru_forward(params, xs, h0, valid, resets, save: bool, matmul_dtype):
                z)
     return h_new, (y, saved)
 
-  h, (ys, saved) = jax.lax.scan(step, h0, (xs, valid, resets))
+  h, (ys, saved) = jax.lax.scan(step, h0, (xs, valid, resets), unroll=_unroll())
   return (h, ys), saved
 
 
@@ -456,7 +472,8 @@ def _gru_reverse(w_h, dh_t, dys, ph, zs, valid, resets, matmul_dtype, batch_majo
       dh_in = jnp.where(r_t[:, None], jnp.zeros_like(dh_in), dh_in)
     return dh_in, dh_step
 
-  dh, steps = jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True)
+  dh, steps = jax.lax.scan(step, dh_t, (dys, ph, zs, valid, resets), reverse=True,
+                           unroll=_unroll())
   return dh, _time_major(steps, batch_major)
 
 

@@ -406,7 +406,9 @@ def scan(cell, params, xs, carry=None, *, lengths=None, mask=None, resets=None,
 scan.__doc__ = """Runs ``cell`` over ``xs`` with ``jax.lax.scan``.
 
   The compiled loop body is one step; ``unroll=k`` puts k steps in it, which
-  trades compile time for fewer loop iterations.
+  trades compile time for fewer loop iterations. (The fused LSTM/GRU loops
+  that ``unroll=1`` runs choose their own factor per backend: 16 on a GPU,
+  where loop iterations are costly, 1 elsewhere; see :mod:`seqjax.fused`.)
 """ + _DRIVER_DOC + """
   Example:
     >>> import jax, jax.numpy as jnp

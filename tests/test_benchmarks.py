@@ -59,6 +59,7 @@ def test_peers(tmp_path):
   assert payload["config"]["seqjax_native"] == native.status()  # the inference kernels, or why not
   assert payload["config"]["contenders"] == ["seqjax", "seqjax_xla", "torch", "flax", "keras"]
   assert payload["config"]["precision"]["torch_float32_matmul_precision"] == "highest"
+  assert payload["config"]["fused_loop_unroll"] == 1  # CPU: one step a loop iteration
   # Every contender runs with freed memory kept for reuse where the C library allows it.
   assert payload["config"]["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   assert {(r["cell"], r["mode"]) for r in rows} == {
@@ -218,6 +219,70 @@ def test_memory(tmp_path):
           < by["stored", longest]["xla_plan_bytes"]["temporaries"])
   assert (tmp_path / "memory.png").stat().st_size > 1000
   assert "| 256 |" in out  # the README table
+  assert {r["backend"] for r in rows} == {"cpu"} and "peak RSS" in out
+  assert not any("peak_device_bytes" in r for r in rows)
+
+
+def _bench_module(name):
+  sys.path.insert(0, str(BENCH))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.remove(str(BENCH))
+
+
+def test_memory_on_a_gpu_reports_the_device_peak_in_its_own_table():
+  memory = _bench_module("memory")
+  plan = dict(arguments=1, outputs=1, temporaries=2 ** 30, total=2 ** 30 + 2)
+  rows = [dict(variant=v, T=1024, xla_plan_bytes=plan, step_s=dict(median=0.5),
+               peak_rss_bytes=7 * 2 ** 30, peak_device_bytes=(2 if v == "stored" else 1) * 2 ** 30,
+               backend="gpu") for v in ("stored", "remat")]
+  table = memory.markdown(rows)
+  assert "stored: peak device memory (XLA plan), GiB" in table and "RSS" not in table
+  assert "| 1,024 | 2.00 (1.00) | 0.50 | 1.00 (1.00) | 0.50 | 1.00 |" in table
+  assert memory._marker(rows) == "memory_gpu"
+  cpu_rows = [dict(r, backend="cpu") for r in rows]
+  for r in cpu_rows:
+    del r["peak_device_bytes"]
+  assert memory._marker(cpu_rows) == "memory" and "| 1,024 | 7.00 (1.00) |" in memory.markdown(
+      cpu_rows)
+
+
+def test_peers_on_a_gpu_leaves_out_seqjax_xla_and_keeps_its_own_table(monkeypatch):
+  peers = _bench_module("peers")
+  assert peers.unavailable("seqjax_xla") is None  # here: the CPU
+  monkeypatch.setattr(peers, "backend", lambda: "gpu")
+  assert "on gpu seqjax runs the XLA path already" in peers.unavailable("seqjax_xla")
+  assert peers.results_name() == "peers_gpu" and peers.results_name("cpu") == "peers"
+
+
+def test_loop_unroll(tmp_path):
+  payload, out = _run("loop_unroll", tmp_path, "--unrolls", "1", "3")
+  config, rows = payload["config"], payload["results"]
+  assert config["unrolls"] == [1, 3] and config["backend"] == "cpu"
+  assert config["default_unroll"] == 1
+  groups = [r for r in rows if "cell" in r]
+  assert {(r["cell"], r["mode"]) for r in groups} == {
+      (c, m) for c in ("lstm", "gru") for m in ("train", "infer")}
+  for r in groups:
+    assert set(r["tokens_per_s"]) == {"1", "3"}
+    assert all(_positive(x) for x in r["tokens_per_s"].values())
+  gain = rows[-1]["geomean_gain"]
+  assert gain["1"] == 1.0 and _positive(gain["3"]) and rows[-1]["relative_to"] == 1
+  assert out.strip().splitlines()[-1] in ("BEST 1", "BEST 3")
+
+
+def test_scan_vs_unroll_takes_cells_and_names_its_plots_after_its_json(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  out = tmp_path / "scan_vs_unroll_gpu.json"
+  done = subprocess.run([sys.executable, str(BENCH / "scan_vs_unroll.py"), "--quick", "--cells",
+                         "gru", "--out", str(out)], env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  assert {r["cell"] for r in payload["results"]} == {"gru"} and payload["config"]["cells"] == ["gru"]
+  for name in ("scan_vs_unroll_gpu_time.png", "scan_vs_unroll_gpu_compile.png"):
+    assert (tmp_path / name).stat().st_size > 1000
 
 
 def test_call_times(tmp_path):

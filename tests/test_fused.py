@@ -44,7 +44,12 @@ def test_the_original_gru_form_has_no_fused_path():
     {"resets": np.eye(3, 9, 3, dtype=bool), "lengths": np.array([9, 7, 8]), "reverse": True},
 ])
 @pytest.mark.parametrize("cell", FUSED, ids=["lstm", "gru"])
-def test_fused_equals_the_step_path_in_values_and_gradients(cell, options):
+@pytest.mark.parametrize("loop_unroll", [1, 4], ids=["loop1", "loop4"])
+def test_fused_equals_the_step_path_in_values_and_gradients(cell, options, loop_unroll,
+                                                            monkeypatch):
+  # loop4: the fused loops unrolled as on a GPU (fused._UNROLL), 9 steps in
+  # iterations of 4, a remainder included.
+  monkeypatch.setitem(fused._UNROLL, jax.default_backend(), loop_unroll)
   cell, params, xs, carry = _inputs(cell)
   weights = jax.random.normal(jax.random.key(3), (3, 9, 5), jnp.float64)
 
@@ -53,9 +58,9 @@ def test_fused_equals_the_step_path_in_values_and_gradients(cell, options):
     return jnp.sum(ys * weights) + sum(jnp.sum(leaf * (0.3 + k))
                                        for k, leaf in enumerate(jax.tree.leaves(final)))
 
-  fused = jax.value_and_grad(lambda *a: loss(1, *a), argnums=(0, 1, 2))(params, xs, carry)
+  on_fused = jax.value_and_grad(lambda *a: loss(1, *a), argnums=(0, 1, 2))(params, xs, carry)
   stepped = jax.value_and_grad(lambda *a: loss(2, *a), argnums=(0, 1, 2))(params, xs, carry)
-  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(stepped)):
+  for a, b in zip(jax.tree.leaves(on_fused), jax.tree.leaves(stepped)):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
