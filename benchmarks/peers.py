@@ -11,9 +11,9 @@ For each cell (LSTM, GRU), size and mode it times one call of every contender:
 
 Contenders: ``seqjax`` (``seqjax.scan``, default options: on CPU, inference
 and training run the native kernels of :mod:`seqjax.native` where they are
-built; the config records ``native.status()``), ``seqjax_xla`` (the same with
-the kernels off, so seqjax's ratio to it is what the kernels gain; CPU only),
-``torch``
+built; the config records ``native.status()`` and the fused loops' unroll
+factor), ``seqjax_xla`` (the same with the kernels off, so seqjax's ratio to
+it is what the kernels gain; CPU only), ``torch``
 (``nn.LSTM``/``nn.GRU``, oneDNN on CPU, cuDNN on a GPU), ``flax`` (``nn.RNN``
 over ``OptimizedLSTMCell``/``GRUCell``), ``keras`` (Keras 3 ``LSTM``/``GRU`` on
 the JAX backend, ``train_on_batch``/``predict_on_batch``; left out where Keras
