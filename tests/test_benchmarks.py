@@ -241,6 +241,8 @@ def test_memory_on_a_gpu_reports_the_device_peak_in_its_own_table():
   assert "stored: peak device memory (XLA plan), GiB" in table and "RSS" not in table
   assert "| 1,024 | 2.00 (1.00) | 0.50 | 1.00 (1.00) | 0.50 | 1.00 |" in table
   assert memory._marker(rows) == "memory_gpu"
+  readme = (BENCH / "README.md").read_text()  # --update-readme has a block to write on a GPU
+  assert "<!-- memory_gpu:start -->" in readme and "<!-- peers_gpu:start -->" in readme
   cpu_rows = [dict(r, backend="cpu") for r in rows]
   for r in cpu_rows:
     del r["peak_device_bytes"]

@@ -543,7 +543,8 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
   (time, batch, _), hidden = noise.shape, table.shape[-1] // gates
   int8 = _int8(matmul_dtype)
   if int8 is None:
-    raise ValueError(f"seqjax.native.{target[7:]}: int8 matmuls need a CPU with AVX512_VNNI, "
+    name = target.removeprefix("seqjax_")
+    raise ValueError(f"seqjax.native.{name}: int8 matmuls need a CPU with AVX512_VNNI, "
                      "and this one has none")
   shapes = [jax.ShapeDtypeStruct((batch, time), jnp.int32), logits.shape]
   shapes += [(batch, hidden)] * (carries * (len(args) // 5))
