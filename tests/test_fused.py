@@ -6,6 +6,8 @@ through it (values and gradients against NumPy); these tests pin down that the
 fast path is really taken, and compare it with the per-step path directly.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,9 @@ def test_fused_equals_the_step_path_in_values_and_gradients(cell, options, loop_
                                        for k, leaf in enumerate(jax.tree.leaves(final)))
 
   on_fused = jax.value_and_grad(lambda *a: loss(1, *a), argnums=(0, 1, 2))(params, xs, carry)
+  loops = re.findall(r"\bunroll=\d+", str(jax.make_jaxpr(jax.grad(lambda *a: loss(1, *a)))(
+      params, xs, carry)))
+  assert loops == [f"unroll={loop_unroll}"] * 2  # the forward and the reverse loop
   stepped = jax.value_and_grad(lambda *a: loss(2, *a), argnums=(0, 1, 2))(params, xs, carry)
   for a, b in zip(jax.tree.leaves(on_fused), jax.tree.leaves(stepped)):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
