@@ -138,6 +138,12 @@ def table_arguments(parser: argparse.ArgumentParser) -> None:
                       help="only rewrite the README table from this JSON")
 
 
+def on_backend(name: str, backend: str) -> str:
+  """A results file's or README table's name for results measured on
+  ``backend``: ``name`` on CPU, ``name_<backend>`` elsewhere (``peers_gpu``)."""
+  return name if backend == "cpu" else f"{name}_{backend}"
+
+
 def readme_table(marker: str, markdown, results, *, update: bool) -> str:
   """Renders ``markdown(results)`` and, if ``update``, puts it in the README."""
   table = markdown(results)

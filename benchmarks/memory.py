@@ -144,7 +144,7 @@ def _peak_name(results) -> str:
 def _marker(results) -> str:
   """The README table's marker: ``memory``, or ``memory_gpu`` for a GPU run."""
   backends = {r.get("backend", "cpu") for r in results} - {"cpu"}
-  return f"memory_{backends.pop()}" if backends else "memory"
+  return common.on_backend("memory", backends.pop() if backends else "cpu")
 
 
 def _worker(argv) -> None:

@@ -79,8 +79,7 @@ def backend() -> str:
 def results_name(on: str | None = None) -> str:
   """The results' name, its JSON's and README table's: ``peers``, or
   ``peers_gpu``, for results measured ``on`` a backend (default: this one's)."""
-  on = on or backend()
-  return "peers" if on == "cpu" else f"peers_{on}"
+  return common.on_backend("peers", on or backend())
 
 
 def flops_per_token(cell_name, size, mode):

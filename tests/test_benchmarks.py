@@ -86,11 +86,7 @@ def test_peers(tmp_path):
 
 
 def test_peers_table_replaces_only_its_block(tmp_path):
-  sys.path.insert(0, str(BENCH))
-  try:
-    import common  # noqa: PLC0415
-  finally:
-    sys.path.remove(str(BENCH))
+  common = _bench_module("common")
   page = tmp_path / "README.md"
   page.write_text("before\n<!-- peers:start -->\nold\n<!-- peers:end -->\nafter\n")
   common.replace_between_markers(page, "peers", "| new |")
