@@ -35,8 +35,9 @@ Each group's rounds also time a float32 2048x2048x2048 matmul in XLA (the
 machine's measured matmul peak, as the speed issue defines it), so every
 contender's matmul rate is also given as a paired fraction of that peak. The
 FLOPs counted per token are the layer's matmuls only: 2 (D + H) G H forward
-(G = 4 gates for the LSTM, 3 for the GRU), three times that for training (the
-forward, the input and carry gradients, the weight gradients); the gate
+(G = 4 gates for the LSTM, 3 for the GRU); for training, those the step needs:
+the forward, the carry gradient (2 H G H) and the weight gradients
+(2 (D + H) G H), not the input gradient (:func:`flops_per_token`); the gate
 arithmetic is not counted.
 """
 
@@ -83,9 +84,14 @@ def results_name(on: str | None = None) -> str:
 
 
 def flops_per_token(cell_name, size, mode):
-  """Matmul FLOPs per token of the layer: 2 (D + H) G H, x3 for training."""
-  forward = 2 * (size["D"] + size["H"]) * GATES[cell_name] * size["H"]
-  return forward * (3 if mode == "train" else 1)
+  """Matmul FLOPs per token of the layer's step: 2 (D + H) G H forward; in
+  training also the carry gradient (2 H G H) and the weight gradients
+  (2 (D + H) G H). The step does not need the input gradient (2 D G H): the
+  inputs are not trained, and JAX leaves that product out (torch computes it
+  anyway: see benchmarks/README.md)."""
+  gates, d, h = GATES[cell_name], size["D"], size["H"]
+  forward = 2 * (d + h) * gates * h
+  return forward if mode == "infer" else 2 * forward + 2 * h * gates * h
 
 
 def _jax_run(forward, params, xs, mode):
