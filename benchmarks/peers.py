@@ -87,8 +87,8 @@ def flops_per_token(cell_name, size, mode):
   """Matmul FLOPs per token of the layer's step: 2 (D + H) G H forward; in
   training also the carry gradient (2 H G H) and the weight gradients
   (2 (D + H) G H). The step does not need the input gradient (2 D G H): the
-  inputs are not trained, and JAX leaves that product out (torch computes it
-  anyway: see benchmarks/README.md)."""
+  inputs are not trained, and no JAX contender's step computes that product
+  (torch's does: see benchmarks/README.md)."""
   gates, d, h = GATES[cell_name], size["D"], size["H"]
   forward = 2 * (d + h) * gates * h
   return forward if mode == "infer" else 2 * forward + 2 * h * gates * h
