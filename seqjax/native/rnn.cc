@@ -1305,8 +1305,10 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
   const bool apart = gru || int8;  // w_x's panels and w_h's, each on their own
   const long biases = gru ? 2 : 1;
   const long V16 = (V + 15) / 16 * 16, panels = V16 / 16;
+  // A layer's packed weights: w_h, and past layer 0 w_x too (the table holds layer 0's).
+  auto layer_weights = [&](long l) { return (l ? 2 * Hu : Hu) * N; };
   std::vector<long> at(L + 1, 0);  // where each layer's panels start in a partition's block
-  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + (l ? 2 * Hu : Hu) * N + (biases + 4) * N;
+  for (long l = 0; l < L; ++l) at[l + 1] = at[l] + layer_weights(l) + (biases + 4) * N;
   const long block = at[L] + V * N;
   Scratch packed(P * block + panels * 16 * H + V16);
   float* Wo = packed.data() + P * block;
@@ -1327,7 +1329,7 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
     float* own = packed.data() + p * block;
     for (long l = 0; l < L; ++l) {
       float* to = own + at[l];
-      const long weights = (l ? 2 * Hu : Hu) * N;
+      const long weights = layer_weights(l);
       float* q = to + weights + biases * N;
       if (l == 0) {
         pack_columns(layers[0].w_h, H, nullptr, 0, G, H, Hp, p, bf16, to, int8 ? q : nullptr);
@@ -1390,7 +1392,7 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
     float* pair = pairs.data() + p * B * 2 * Hu;
     float* rs = int8 ? row_scales.data() + p * B : nullptr;
     const float* w = own + at[l];
-    const long weights = (l ? 2 * Hu : Hu) * N;
+    const long weights = layer_weights(l);
     const float* bias = w + weights;  // layer 0: none, the table's row is the input's sum
     const float* bh = w + weights + N;  // the GRU's
     const float* q = w + weights + biases * N;  // int8: w_h's s_w, then w_x's
