@@ -87,8 +87,9 @@ def flops_per_token(cell_name, size, mode):
   """Matmul FLOPs per token of the layer's step: 2 (D + H) G H forward; in
   training also the carry gradient (2 H G H) and the weight gradients
   (2 (D + H) G H). The step does not need the input gradient (2 D G H): the
-  inputs are not trained, and no JAX contender's step computes that product
-  (torch's does: see benchmarks/README.md)."""
+  inputs are not trained, and JAX's autodiff leaves that product out of the
+  seqjax, Flax and Keras steps (torch's step computes it, see
+  benchmarks/README.md; so may the cuDNN contender's backward)."""
   gates, d, h = GATES[cell_name], size["D"], size["H"]
   forward = 2 * (d + h) * gates * h
   return forward if mode == "infer" else 2 * forward + 2 * h * gates * h
