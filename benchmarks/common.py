@@ -152,9 +152,14 @@ def readme_table(marker: str, markdown, results, *, update: bool) -> str:
   return table
 
 
-def table_from(path: Path, marker: str, markdown) -> None:
-  """Rewrites the README table ``marker`` from a saved results JSON."""
-  readme_table(marker, markdown, json.loads(Path(path).read_text())["results"], update=True)
+def table_from(path: Path, marker, markdown) -> None:
+  """Rewrites the README table ``marker`` from a saved results JSON; ``marker``
+  may instead be a function of the saved payload that names the table (a
+  results file measured on a GPU has a table of its own)."""
+  payload = json.loads(Path(path).read_text())
+  if callable(marker):
+    marker = marker(payload)
+  readme_table(marker, markdown, payload["results"], update=True)
 
 
 def replace_between_markers(path: Path, marker: str, text: str) -> None:

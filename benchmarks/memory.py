@@ -231,8 +231,7 @@ def main(argv=None):
                       help="timed steps per configuration (1 for T > 4096)")
   args = parser.parse_args(argv)
   if args.table_from:
-    results = json.loads(args.table_from.read_text())["results"]
-    return common.readme_table(_marker(results), markdown, results, update=True)
+    return common.table_from(args.table_from, lambda saved: _marker(saved["results"]), markdown)
   if args.quick:
     steps, hidden, batch, chunk, repeats = [256], 32, 4, 16, 2
   else:

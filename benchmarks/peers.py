@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -331,9 +330,8 @@ def main(argv=None):
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    payload = json.loads(args.table_from.read_text())
-    common.readme_table(results_name(payload["config"]["backend"]), markdown,
-                        payload["results"], update=True)
+    common.table_from(args.table_from, lambda saved: results_name(saved["config"]["backend"]),
+                      markdown)
     return
   if args.contenders is None:
     contenders = [name for name in CONTENDERS if unavailable(name) is None]

@@ -256,6 +256,28 @@ def test_peers_on_a_gpu_leaves_out_seqjax_xla_and_keeps_its_own_table(monkeypatc
   assert peers.results_name() == "peers_gpu" and peers.results_name("cpu") == "peers"
 
 
+def test_table_from_writes_the_table_of_the_backend_the_json_was_measured_on(tmp_path,
+                                                                              monkeypatch):
+  common, peers, memory = (_bench_module(n) for n in ("common", "peers", "memory"))
+  written = []
+  monkeypatch.setattr(common, "replace_between_markers",
+                      lambda path, marker, text: written.append((marker, text)))
+  results = BENCH / "results"
+  peers.main(["--table-from", str(results / "peers_gpu.json")])
+  peers.main(["--table-from", str(results / "peers.json")])
+  memory.main(["--table-from", str(results / "memory.json")])
+  plan = dict(arguments=1, outputs=1, temporaries=2 ** 30, total=2 ** 30 + 2)
+  rows = [dict(variant=v, T=1024, xla_plan_bytes=plan, step_s=dict(median=0.5),
+               peak_rss_bytes=2 ** 30, peak_device_bytes=2 ** 30, backend="gpu")
+          for v in ("stored", "remat")]
+  saved = tmp_path / "memory_gpu.json"
+  saved.write_text(json.dumps({"results": rows}))
+  memory.main(["--table-from", str(saved)])
+  assert [marker for marker, _ in written] == ["peers_gpu", "peers", "memory", "memory_gpu"]
+  assert "| cudnn tok/s" in written[0][1] and "| seqjax_xla tok/s" in written[1][1]
+  assert "peak device memory" in written[3][1]
+
+
 def test_loop_unroll(tmp_path):
   payload, out = _run("loop_unroll", tmp_path, "--unrolls", "1", "3")
   config, rows = payload["config"], payload["results"]
