@@ -367,7 +367,8 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
   params, xs, _, loss = _training_problem(kind, "bfloat16")
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
-  assert lowered.count("seqjax_outer_sum") == 2  # the gradients of w_x and w_h
+  # The gradients of w_x and w_h: the LSTM's in one call (both take dz)
+  assert lowered.count("seqjax_outer_sum") == (1 if kind == "lstm" else 2)
   assert "bf16 = true" in lowered
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
   got = jax.jit(value_and_grads)(params, xs)
@@ -383,10 +384,12 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
 
 @pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
 @pytest.mark.parametrize("r,m,n", [(512, 24, 64), (37, 5, 48), (1, 3, 16), (0, 4, 32),
-                                   (300, 1, 2048)])
+                                   (300, 1, 2048), (1100, 13, 176)])
 def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   """a^T b over the rows, as the weight gradients take it: odd row counts (a
-  zero pads the last bfloat16 pair), fewer column panels than threads, no rows."""
+  zero pads the last bfloat16 pair), fewer column panels than threads, no
+  rows; rows in three blocks (float32 sums 512 at a time), a's rows and a
+  partition's panels ending in narrower tiles."""
   k1, k2 = jax.random.split(jax.random.key(r + m + n))
   a = jax.random.normal(k1, (r, m), jnp.float32)
   b = jax.random.normal(k2, (r, n), jnp.float32)
@@ -398,6 +401,24 @@ def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   if matmul_dtype and r:  # and not float32's products
     f32 = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
     assert np.abs(np.asarray(got) - f32).max() > 1e-4
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("r", [700, 0])
+def test_the_outer_sum_kernel_takes_several_a_against_one_b(r, matmul_dtype):
+  """One call for every a sharing b (an LSTM's xs and hs share dz): each
+  product as its own call gives it, bit for bit, whatever the a's widths."""
+  ks = jax.random.split(jax.random.key(r), 4)
+  b = jax.random.normal(ks[0], (r, 96), jnp.float32)
+  a = tuple(jax.random.normal(k, (r, m), jnp.float32) for k, m in zip(ks[1:], (20, 7, 64)))
+  got = jax.jit(functools.partial(native.outer_sum, matmul_dtype=matmul_dtype))(a, b)
+  assert isinstance(got, tuple) and [g.shape for g in got] == [(20, 96), (7, 96), (64, 96)]
+  one = jax.jit(functools.partial(native.outer_sum, matmul_dtype=matmul_dtype))
+  for g, x in zip(got, a):
+    np.testing.assert_array_equal(g, one(x, b))
+    want = np.asarray(x, np.float64).T @ np.asarray(b, np.float64)
+    np.testing.assert_allclose(g, want, rtol=1e-2 if matmul_dtype else 1e-5,
+                               atol=(0.5 if matmul_dtype else 1e-4) * np.sqrt(max(r, 1)) / 10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -516,6 +537,8 @@ def test_training_takes_the_kernels_and_matches_the_reference(kind):
   cell = CELLS[kind](64)
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
+  # float32 weight gradients: the LSTM's on the kernel, the GRU's in XLA
+  assert lowered.count("seqjax_outer_sum") == (1 if kind == "lstm" else 0)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   loss64 = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, unroll=2, **options)[1] ** 2)

@@ -480,10 +480,16 @@ def outer_sum(a, b, matmul_dtype=None):
   """``sum_t a_t^T b_t`` over every leading index, ``[..., M] x [..., N] -> [M, N]``
   float32, on the kernel: :func:`seqjax.fused`'s weight gradients (``N`` a
   multiple of 16), the operands rounded to ``matmul_dtype`` (``None`` or
-  ``"bfloat16"``), the products summed in float32."""
-  a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-  (z,) = _call("seqjax_outer_sum", [(a.shape[1], b.shape[1])], threads(), matmul_dtype, a, b)
-  return z
+  ``"bfloat16"``), the products summed in float32. ``a`` may be a tuple of
+  arrays, each with ``b``'s leading shape: then a tuple of their products,
+  in one call (in float32, one pass over ``b``: an LSTM's ``xs`` and ``hs``
+  share its ``dz``)."""
+  many = isinstance(a, (tuple, list))
+  b = b.reshape(-1, b.shape[-1])
+  a = [x.reshape(-1, x.shape[-1]) for x in (a if many else [a])]
+  z = _call("seqjax_outer_sum", [(x.shape[1], b.shape[1]) for x in a], threads(), matmul_dtype,
+            b, *a)
+  return tuple(z) if many else z[0]
 
 
 def _recurrent_bias(params):
