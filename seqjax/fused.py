@@ -120,23 +120,36 @@ def _int8_bwd(_, g):
 int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
-def _outer_sum(a, b, dtype, out_dtype, use_kernel=False):
-  """``sum_t a_t^T b_t`` over every leading index: ``[..., m] x [..., n] -> [m, n]``;
-  for a tuple ``a``, the tuple of each one's product with ``b``.
+def _outer_sum(a, b, dtype, out_dtype, use_kernel=False, tiled=None):
+  """``(products, sums)``: ``sum_t a_t^T b_t`` over every leading index,
+  ``[..., m] x [..., n] -> [m, n]`` (for a tuple ``a``, the tuple of each
+  one's product with ``b``), and ``b`` summed over every leading index
+  ``[n]`` (the bias gradient); with ``tiled [..., h]``, of
+  ``b * tile(tiled, n // h)``.
 
   One 2-D matmul over the flattened rows. (The same product written as the
   einsum ``tbm,tbn->mn``, two contracting dimensions, ran 1.1-2x slower on
   XLA:CPU: 50 against 98 GFLOP/s at T=1024, B=16, 128 x 512.) With
-  ``use_kernel``, it runs on :func:`seqjax.native.outer_sum`, all of ``a`` in
-  one call. In float32 that is one pass over ``b``: an LSTM's xs and hs
-  times dz ran 1.16x XLA's two products at peers.py's (a) (B=32, T=128,
-  H=256), 1.31-1.34x at (c), 1.01-1.02x at (b), and its training step
-  1.05-1.07x, 1.04x and 1.00x. XLA:CPU's bfloat16 product of this shape ran
-  no faster than its float32 one.
+  ``use_kernel``, it runs on :func:`seqjax.native.outer_sum`, all of ``a`` and
+  the sums in one call: in float32 one pass over ``b`` (an LSTM's xs and hs
+  share dz), and a GRU's ``b * tile(tiled)`` (its gate gradients) formed as
+  the kernel reads it, never written out. Against XLA's products and sum,
+  training steps ran 1.05x (LSTM) and 1.15x (GRU) at peers.py's (a) (B=32,
+  T=128, H=256), 1.00x and 1.02x at (b), 1.04x and 1.10x at (c); the GRU's
+  took a third less temporary memory (384 against 576 MiB at (b)). (XLA
+  ran its bias sum beside a kernel computing only the products, and the
+  two thread pools shared the two cores: the GRU's step then gained
+  nothing.) XLA:CPU's bfloat16 product of this shape ran no faster than its
+  float32 one.
   """
   many = isinstance(a, tuple)
   a = tuple(x.reshape(-1, x.shape[-1]) for x in (a if many else (a,)))
   b = b.reshape(-1, b.shape[-1])
+  if tiled is not None:
+    tiled = tiled.reshape(-1, tiled.shape[-1])
+    b_of = lambda b, tiled: b * jnp.tile(tiled, (1, b.shape[-1] // tiled.shape[-1]))
+  else:
+    b_of = lambda b, tiled: b
 
   def product(a, b):
     out = out_dtype
@@ -146,10 +159,13 @@ def _outer_sum(a, b, dtype, out_dtype, use_kernel=False):
       out = None  # the operands' own promotion, as for ``a.T @ b``
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out)
 
-  z = _kernel_or_xla(use_kernel and b.shape[-1] % 16 == 0,
-                     lambda b, *a: native.outer_sum(a, b, matmul_dtype=dtype),
-                     lambda b, *a: tuple(product(x, b) for x in a), b, *a)
-  return z if many else z[0]
+  def xla(b, tiled, *a):
+    b = b_of(b, tiled)
+    return tuple(product(x, b) for x in a), jnp.sum(b, axis=0)
+  z, sums = _kernel_or_xla(use_kernel and b.shape[-1] % 16 == 0,
+                           lambda b, tiled, *a: native.outer_sum(a, b, dtype, tiled, True),
+                           xla, b, tiled, *a)
+  return (z if many else z[0]), sums
 
 
 def _kernel_or_xla(use_kernel: bool, kernel, xla, *args):
@@ -368,8 +384,8 @@ def _lstm_bwd(matmul_dtype, batch_major, residuals, cotangents):
                                   lambda *args: _lstm_reverse(*args, matmul_dtype, keep),
                                   w_h, dh_t, dc_t, dys, ps, ks, fs, valid, resets)
   # The weight and input gradients: one large matmul each, over every step.
-  w_x_grad, w_h_grad = _outer_sum((xs, hs), dz, matmul_dtype, w_x.dtype, use_kernel)
-  grads = {"w_x": w_x_grad, "w_h": w_h_grad, "b": jnp.sum(dz, axis=(0, 1))}
+  (w_x_grad, w_h_grad), b_grad = _outer_sum((xs, hs), dz, matmul_dtype, w_x.dtype, use_kernel)
+  grads = {"w_x": w_x_grad, "w_h": w_h_grad, "b": b_grad}
   dxs = matmul(dz, w_x.T, matmul_dtype, xs.dtype)
   dxs = dxs if keep else _time_major(dxs, batch_major)
   return _like(grads, params), dxs, dh0, dc0, None, None
@@ -499,16 +515,14 @@ def _gru_bwd(matmul_dtype, batch_major, residuals, cotangents):
                                                    matmul_dtype=matmul_dtype, batch_major=keep),
                                  lambda *args: _gru_reverse(*args, matmul_dtype, keep),
                                  w_h, dh_t, dys, ph, zs, valid, resets)
-  tiled = jnp.tile(dh_steps, (1, 1, 3))  # [T, B, 3H] (or [B, T, 3H])
-  dxp, dhw = tiled * px, tiled * ph
+  # The gate gradients dxp = tile(dh_steps) * px and dhw = tile(dh_steps) *
+  # ph, formed where they are read (on the kernel: as it packs them, never
+  # written out), with their column sums, the bias gradients.
   hidden = w_h.shape[0]
-  # In float32 XLA's own products: dxp and dhw are XLA fusions, which a
-  # kernel call would have XLA write out first (the step ran 0.91-0.98x so).
-  outer_kernel = use_kernel and native._bf16(matmul_dtype) is True
-  grads = {"w_x": _outer_sum(xs, dxp, matmul_dtype, w_x.dtype, outer_kernel),
-           "w_h": _outer_sum(hs, dhw, matmul_dtype, w_h.dtype, outer_kernel),
-           "b": jnp.sum(dxp, axis=(0, 1)),
-           "b_hn": jnp.sum(dhw[..., 2 * hidden:], axis=(0, 1))}
+  w_x_grad, b_grad = _outer_sum(xs, px, matmul_dtype, w_x.dtype, use_kernel, dh_steps)
+  w_h_grad, dhw_sums = _outer_sum(hs, ph, matmul_dtype, w_h.dtype, use_kernel, dh_steps)
+  grads = {"w_x": w_x_grad, "w_h": w_h_grad, "b": b_grad, "b_hn": dhw_sums[2 * hidden:]}
+  dxp = jnp.tile(dh_steps, (1, 1, 3)) * px  # [T, B, 3H] (or [B, T, 3H])
   dxs = matmul(dxp, w_x.T, matmul_dtype, xs.dtype)
   dxs = dxs if keep else _time_major(dxs, batch_major)
   return _like(grads, params), dxs, dh0, None, None

@@ -394,10 +394,16 @@ def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   a = jax.random.normal(k1, (r, m), jnp.float32)
   b = jax.random.normal(k2, (r, n), jnp.float32)
   got = jax.jit(functools.partial(native.outer_sum, matmul_dtype=matmul_dtype))(a, b)
-  want = jax.jit(lambda a, b: fused._outer_sum(a, b, matmul_dtype, jnp.float32))(a, b)
+  want, want_sums = jax.jit(lambda a, b: fused._outer_sum(a, b, matmul_dtype, jnp.float32))(a, b)
   assert got.shape == (m, n) and got.dtype == jnp.float32
   # The same rounded operands, summed in another order.
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(max(r, 1)))
+  # b's column sums (the bias gradient) in float32, whatever matmul_dtype
+  _, sums = jax.jit(lambda a, b: native.outer_sum(a, b, matmul_dtype, column_sums=True))(a, b)
+  assert sums.shape == (n,) and sums.dtype == jnp.float32
+  np.testing.assert_allclose(sums, np.asarray(b, np.float64).sum(0), rtol=1e-5,
+                             atol=1e-5 * np.sqrt(max(r, 1)))
+  np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-5 * np.sqrt(max(r, 1)))
   if matmul_dtype and r:  # and not float32's products
     f32 = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
     assert np.abs(np.asarray(got) - f32).max() > 1e-4
@@ -419,6 +425,42 @@ def test_the_outer_sum_kernel_takes_several_a_against_one_b(r, matmul_dtype):
     want = np.asarray(x, np.float64).T @ np.asarray(b, np.float64)
     np.testing.assert_allclose(g, want, rtol=1e-2 if matmul_dtype else 1e-5,
                                atol=(0.5 if matmul_dtype else 1e-4) * np.sqrt(max(r, 1)) / 10)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("r,h,gates", [(700, 32, 3), (37, 16, 4), (0, 16, 3)])
+def test_the_outer_sum_kernel_forms_b_times_tiled_as_it_reads_it(r, h, gates, matmul_dtype):
+  """With ``tiled`` (a GRU's carry gradients), the product of ``b * tile(tiled)``
+  (its gate gradients), formed by the kernel: bit for bit the product of the
+  array written out, over several a's."""
+  ks = jax.random.split(jax.random.key(r + h), 4)
+  b = jax.random.normal(ks[0], (r, gates * h), jnp.float32)
+  tiled = jax.random.normal(ks[1], (r, h), jnp.float32)
+  a = (jax.random.normal(ks[2], (r, 9), jnp.float32), jax.random.normal(ks[3], (r, 24), jnp.float32))
+  run = jax.jit(lambda a, b, t: native.outer_sum(a, b, matmul_dtype, t, column_sums=True))
+  got, got_sums = run(a, b, tiled)
+  formed = b * jnp.tile(tiled, (1, gates))
+  written, written_sums = run(a, formed, None)
+  xla, xla_sums = jax.jit(
+      lambda a, b, t: fused._outer_sum(a, b, matmul_dtype, jnp.float32, tiled=t))(a, b, tiled)
+  tolerance = dict(rtol=1e-5, atol=1e-5 * np.sqrt(max(r, 1)))
+  for g, w, x in zip(got, written, xla):
+    np.testing.assert_array_equal(g, w)
+    np.testing.assert_allclose(g, x, **tolerance)
+  np.testing.assert_array_equal(got_sums, written_sums)
+  np.testing.assert_allclose(got_sums, np.asarray(formed, np.float64).sum(0), **tolerance)
+  np.testing.assert_allclose(got_sums, xla_sums, **tolerance)
+
+
+def test_the_outer_sum_kernel_refuses_shapes_that_do_not_agree():
+  a, b = jnp.ones((8, 5), jnp.float32), jnp.ones((8, 48), jnp.float32)
+  expected = r"expected b \[R,N\] with N a multiple of 16, tiled empty or \[R,H\]"
+  for a_, b_, tiled in [(a[:7], b, None),  # a and b with different row counts
+                        (a, b[:, :40], None),  # N not a multiple of 16
+                        (a, b, jnp.ones((8, 32), jnp.float32)),  # H does not divide N
+                        (a, b, jnp.ones((7, 16), jnp.float32))]:  # tiled's rows not b's
+    with pytest.raises(Exception, match=expected):
+      jax.block_until_ready(native.outer_sum(a_, b_, tiled=tiled))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -537,8 +579,8 @@ def test_training_takes_the_kernels_and_matches_the_reference(kind):
   cell = CELLS[kind](64)
   lowered = _lowered(jax.grad(loss), params, xs)
   assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
-  # float32 weight gradients: the LSTM's on the kernel, the GRU's in XLA
-  assert lowered.count("seqjax_outer_sum") == (1 if kind == "lstm" else 0)
+  # The weight gradients on the kernel: the LSTM's in one call (both take dz)
+  assert lowered.count("seqjax_outer_sum") == (1 if kind == "lstm" else 2)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   loss64 = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, unroll=2, **options)[1] ** 2)

@@ -476,20 +476,28 @@ def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=No
   return dh, steps
 
 
-def outer_sum(a, b, matmul_dtype=None):
+def outer_sum(a, b, matmul_dtype=None, tiled=None, column_sums=False):
   """``sum_t a_t^T b_t`` over every leading index, ``[..., M] x [..., N] -> [M, N]``
   float32, on the kernel: :func:`seqjax.fused`'s weight gradients (``N`` a
   multiple of 16), the operands rounded to ``matmul_dtype`` (``None`` or
   ``"bfloat16"``), the products summed in float32. ``a`` may be a tuple of
   arrays, each with ``b``'s leading shape: then a tuple of their products,
   in one call (in float32, one pass over ``b``: an LSTM's ``xs`` and ``hs``
-  share its ``dz``)."""
+  share its ``dz``). With ``tiled`` (``[..., H]``, ``H`` a multiple of 16
+  dividing ``N``), ``b`` stands for ``b * tile(tiled, N // H)``, formed as
+  the kernel reads it (a GRU's gate gradients from its carry gradients).
+  With ``column_sums``, returns ``(products, sums)``: ``sums [N]`` is that
+  ``b`` summed over every leading index in float32 (the bias gradient),
+  taken as the kernel reads ``b``."""
   many = isinstance(a, (tuple, list))
   b = b.reshape(-1, b.shape[-1])
   a = [x.reshape(-1, x.shape[-1]) for x in (a if many else [a])]
-  z = _call("seqjax_outer_sum", [(x.shape[1], b.shape[1]) for x in a], threads(), matmul_dtype,
-            b, *a)
-  return tuple(z) if many else z[0]
+  tiled = (jnp.zeros((0,), jnp.float32) if tiled is None
+           else tiled.reshape(-1, tiled.shape[-1]))
+  sums, *z = _call("seqjax_outer_sum", [(b.shape[1],)] + [(x.shape[1], b.shape[1]) for x in a],
+                   threads(), matmul_dtype, b, tiled, *a)
+  products = tuple(z) if many else z[0]
+  return (products, sums) if column_sums else products
 
 
 def _recurrent_bias(params):

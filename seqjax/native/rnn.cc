@@ -1193,16 +1193,27 @@ constexpr const OuterTile* kOuterTilesByPanels[kOuterPanels + 1] = {
 // all R at once 175.)
 constexpr long kOuterDepth = 512;
 
-// outs[j] [M_j, N] = a_j^T b for a_j [R, M_j] and b [R, N], float32. Each of
-// the P partitions owns a share of b's 16-column panels and, block by block
-// of rows, packs its panels of the block (its only copy of b), then runs
-// every a_j's tiles over them. b is read once however many a's share it (an
-// LSTM's inputs and outputs share dz). Every output is summed over k in
-// order, whichever thread runs it.
-void OuterSumsF32(const float* b, long R, long N, const std::vector<const float*>& as,
-                  const std::vector<long>& ms, const std::vector<float*>& outs, long partitions) {
+// Row k of b's 16 columns from column c (a multiple of 16), times the same
+// columns of tiled [R, H] repeated across b's N / H blocks of columns, if
+// tiled (b's own columns if not).
+inline __m512 b_row(const float* b, long N, const float* tiled, long H, long k, long c) {
+  const __m512 row = _mm512_loadu_ps(b + k * N + c);
+  return tiled ? _mm512_mul_ps(row, _mm512_loadu_ps(tiled + k * H + c % H)) : row;
+}
+
+// outs[j] [M_j, N] = a_j^T b for a_j [R, M_j] and b [R, N], float32, b's
+// columns times tiled's (b_row), and sums [N] = b's column sums. Each of the
+// P partitions owns a share of b's 16-column panels and, block by block of
+// rows, packs its panels of the block (its only copy of b, summing its
+// columns as it goes), then runs every a_j's tiles over them. b is read once
+// however many a's share it (an LSTM's inputs and outputs share dz). Every
+// output is summed over k in order, whichever thread runs it.
+void OuterSumsF32(const float* b, const float* tiled, long H, long R, long N,
+                  const std::vector<const float*>& as, const std::vector<long>& ms,
+                  const std::vector<float*>& outs, float* sums, long partitions) {
   if (R == 0) {
     for (size_t j = 0; j < as.size(); ++j) std::fill(outs[j], outs[j] + ms[j] * N, 0.f);
+    std::fill(sums, sums + N, 0.f);
     return;
   }
   const long panels = N / 16, P = std::max<long>(1, std::min<long>(partitions, panels));
@@ -1215,10 +1226,14 @@ void OuterSumsF32(const float* b, long R, long N, const std::vector<const float*
     for (long k0 = 0; k0 < R; k0 += kOuterDepth) {
       const long K = std::min(kOuterDepth, R - k0);
       for (long v = 0; v < count; ++v) {
-        const float* from = b + k0 * N + 16 * (first + v);
+        const long c = 16 * (first + v);
+        __m512 sum = k0 ? _mm512_loadu_ps(sums + c) : _mm512_setzero_ps();
         for (long k = 0; k < K; ++k) {
-          _mm512_storeu_ps(W + (v * K + k) * 16, _mm512_loadu_ps(from + k * N));
+          const __m512 row = b_row(b, N, tiled, H, k0 + k, c);
+          _mm512_storeu_ps(W + (v * K + k) * 16, row);
+          sum = _mm512_add_ps(sum, row);
         }
+        _mm512_storeu_ps(sums + c, sum);
       }
       for (long v0 = 0; v0 < count; v0 += kOuterPanels) {
         const OuterTile* tiles = kOuterTilesByPanels[std::min(kOuterPanels, count - v0)];
@@ -1235,12 +1250,13 @@ void OuterSumsF32(const float* b, long R, long N, const std::vector<const float*
   });
 }
 
-// The bfloat16 outer sum, out [M, N] = a^T b for a [R, M], b [R, N]: rank
-// q of the P threads packs its share of b's column panels and of a^T's rows
-// (gathered, as pairs along R); after a barrier each computes its panels'
-// columns of every row.
-void OuterSumBf16(const float* a, const float* b, float* Z, long R, long M, long N,
-                  long partitions) {
+// The bfloat16 outer sum, out [M, N] = a^T b for a [R, M], b [R, N] (b's
+// columns times tiled's, b_row), and, if sums, b's column sums (float32):
+// rank q of the P threads packs its share of b's column panels and of a^T's
+// rows (gathered, as pairs along R); after a barrier each computes its
+// panels' columns of every row.
+void OuterSumBf16(const float* a, const float* b, const float* tiled, long H, float* Z,
+                  float* sums, long R, long M, long N, long partitions) {
   const bool bf16 = true;
   const long Ru = units(R, bf16), panels = N / 16;
   const long P = std::max<long>(1, std::min<long>(partitions, panels));
@@ -1252,8 +1268,13 @@ void OuterSumBf16(const float* a, const float* b, float* Z, long R, long M, long
 
   auto pack = [&](long p) {
     for (long j = share(panels, p); j < share(panels, p + 1); ++j) {
-      const float* from = b + 16 * j;
-      panel(R, bf16, [&](long k) { return _mm512_loadu_ps(from + k * N); }, W + j * Ru * 16);
+      __m512 sum = _mm512_setzero_ps();
+      panel(R, bf16, [&](long k) {
+        const __m512 row = b_row(b, N, tiled, H, k, 16 * j);
+        sum = _mm512_add_ps(sum, row);
+        return row;
+      }, W + j * Ru * 16);
+      if (sums) _mm512_storeu_ps(sums + 16 * j, sum);
     }
   };
   const __m512i rows = row_offsets(M);
@@ -1279,22 +1300,36 @@ void OuterSumBf16(const float* a, const float* b, float* Z, long R, long M, long
 
 // The weight gradients' products: outs[j] [M_j, N] = a_j^T b, summed over
 // the R rows of each a_j [R, M_j] and of b [R, N] (every step and batch row
-// of a sequence), with bfloat16 operands when bf16.
-ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> b, ffi::RemainingArgs a_args,
-                        ffi::RemainingRets out_rets, int64_t partitions, bool bf16) {
-  const auto bd = b.dimensions();
+// of a sequence), with bfloat16 operands when bf16, and the bias gradient:
+// b's column sums [N], the first result. With tiled [R, H] not empty, b's
+// columns times tiled's, repeated across b's N / H blocks of columns (a
+// GRU's gate gradients: its carry gradients times the saved factors, never
+// written out).
+ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> tiled_buffer,
+                        ffi::RemainingArgs a_args, ffi::RemainingRets out_rets,
+                        int64_t partitions, bool bf16) {
+  const auto bd = b.dimensions(), td = tiled_buffer.dimensions();
   const long R = bd.size() == 2 ? bd[0] : -1, N = bd.size() == 2 ? bd[1] : -1;
+  const bool is_tiled = tiled_buffer.element_count() > 0;
+  const long H = is_tiled && td.size() == 2 ? td[1] : 16;
   const ffi::Error shapes = ffi::Error::InvalidArgument(
-      "seqjax outer_sum: expected b [R,N] with N a multiple of 16, and float32 a's [R,M] as "
-      "many as the [M,N] results");
-  if (R < 0 || N % 16 != 0 || partitions < 1 || a_args.size() != out_rets.size()) return shapes;
+      "seqjax outer_sum: expected b [R,N] with N a multiple of 16, tiled empty or [R,H] with H "
+      "a multiple of 16 dividing N, float32 a's [R,M], and results [N] then one [M,N] per a");
+  if (R < 0 || N % 16 != 0 || partitions < 1 || a_args.size() == 0 ||
+      a_args.size() + 1 != out_rets.size() ||
+      (is_tiled && (td.size() != 2 || td[0] != R || H % 16 != 0 || N % H != 0))) {
+    return shapes;
+  }
+  const float* tiled = is_tiled ? tiled_buffer.typed_data() : nullptr;
   if (bf16 && !kHaveBf16) return NoBf16("outer_sum");
+  auto sums = out_rets.get<ffi::Buffer<ffi::F32>>(0);
+  if (!sums || (*sums)->element_count() != static_cast<size_t>(N)) return shapes;
   std::vector<const float*> as;
   std::vector<long> ms;
   std::vector<float*> outs;
   for (size_t j = 0; j < a_args.size(); ++j) {
     auto a = a_args.get<ffi::Buffer<ffi::F32>>(j);
-    auto out = out_rets.get<ffi::Buffer<ffi::F32>>(j);
+    auto out = out_rets.get<ffi::Buffer<ffi::F32>>(j + 1);
     if (!a || !out || a->dimensions().size() != 2 || a->dimensions()[0] != R ||
         (*out)->element_count() != static_cast<size_t>(a->dimensions()[1] * N)) {
       return shapes;
@@ -1304,10 +1339,11 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> b, ffi::RemainingArgs a_args,
     outs.push_back((*out)->typed_data());
   }
   if (!bf16) {
-    OuterSumsF32(b.typed_data(), R, N, as, ms, outs, partitions);
+    OuterSumsF32(b.typed_data(), tiled, H, R, N, as, ms, outs, (*sums)->typed_data(), partitions);
   } else {
     for (size_t j = 0; j < as.size(); ++j) {
-      OuterSumBf16(as[j], b.typed_data(), outs[j], R, ms[j], N, partitions);
+      OuterSumBf16(as[j], b.typed_data(), tiled, H, outs[j], j ? nullptr : (*sums)->typed_data(),
+                   R, ms[j], N, partitions);
     }
   }
   return ffi::Error::Success();
@@ -1688,8 +1724,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
                               Attributes(ffi::Ffi::Bind()
                                              .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                             .Arg<ffi::Buffer<ffi::F32>>()  // tiled, or empty
                                              .RemainingArgs()  // the a's
-                                             .RemainingRets()));  // each a^T b
+                                             .RemainingRets()));  // b's column sums, each a^T b
 
 // The sampling loops' binding (Sample): per layer, the LSTM's w_x, w_h, b,
 // h0, c0 and results h, c; the GRU's w_x, w_h, b, bh, h0 and result h.
