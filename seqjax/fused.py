@@ -147,9 +147,6 @@ def _outer_sum(a, b, dtype, out_dtype, use_kernel=False, tiled=None):
   b = b.reshape(-1, b.shape[-1])
   if tiled is not None:
     tiled = tiled.reshape(-1, tiled.shape[-1])
-    b_of = lambda b, tiled: b * jnp.tile(tiled, (1, b.shape[-1] // tiled.shape[-1]))
-  else:
-    b_of = lambda b, tiled: b
 
   def product(a, b):
     out = out_dtype
@@ -160,7 +157,8 @@ def _outer_sum(a, b, dtype, out_dtype, use_kernel=False, tiled=None):
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=out)
 
   def xla(b, tiled, *a):
-    b = b_of(b, tiled)
+    if tiled is not None:
+      b = b * jnp.tile(tiled, (1, b.shape[-1] // tiled.shape[-1]))
     return tuple(product(x, b) for x in a), jnp.sum(b, axis=0)
   z, sums = _kernel_or_xla(use_kernel and b.shape[-1] % 16 == 0,
                            lambda b, tiled, *a: native.outer_sum(a, b, dtype, tiled, True),
