@@ -388,7 +388,7 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
 def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   """a^T b over the rows, as the weight gradients take it: odd row counts (a
   zero pads the last bfloat16 pair), fewer column panels than threads, no
-  rows; rows in three blocks (float32 sums 512 at a time), a's rows and a
+  rows; rows in three blocks (the kernel sums 512 at a time), a's rows and a
   partition's panels ending in narrower tiles."""
   k1, k2 = jax.random.split(jax.random.key(r + m + n))
   a = jax.random.normal(k1, (r, m), jnp.float32)
@@ -407,6 +407,9 @@ def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   if matmul_dtype and r:  # and not float32's products
     f32 = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
     assert np.abs(np.asarray(got) - f32).max() > 1e-4
+    # the bias gradient does not depend on the matmuls' precision
+    _, f32_sums = jax.jit(lambda a, b: native.outer_sum(a, b, None, column_sums=True))(a, b)
+    np.testing.assert_array_equal(sums, f32_sums)
 
 
 @pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])

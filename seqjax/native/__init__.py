@@ -482,8 +482,8 @@ def outer_sum(a, b, matmul_dtype=None, tiled=None, column_sums=False):
   multiple of 16), the operands rounded to ``matmul_dtype`` (``None`` or
   ``"bfloat16"``), the products summed in float32. ``a`` may be a tuple of
   arrays, each with ``b``'s leading shape: then a tuple of their products,
-  in one call (in float32, one pass over ``b``: an LSTM's ``xs`` and ``hs``
-  share its ``dz``). With ``tiled`` (``[..., H]``, ``H`` a multiple of 16
+  in one call, one pass over ``b`` (an LSTM's ``xs`` and ``hs`` share its
+  ``dz``). With ``tiled`` (``[..., H]``, ``H`` a multiple of 16
   dividing ``N``), ``b`` stands for ``b * tile(tiled, N // H)``, formed as
   the kernel reads it (a GRU's gate gradients from its carry gradients).
   With ``column_sums``, returns ``(products, sums)``: ``sums [N]`` is that

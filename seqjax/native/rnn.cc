@@ -404,8 +404,9 @@ float* panel(long K, bool bf16, const Row& row, float* to) {
     return to + 16 * K;
   }
   for (long k = 0; k < K; k += 2) {
+    const __m512 first = row(k);  // rows in order
     const __m512 second = k + 1 < K ? row(k + 1) : _mm512_setzero_ps();
-    _mm512_storeu_si512(to + 8 * k, bf16_pairs(row(k), second));
+    _mm512_storeu_si512(to + 8 * k, bf16_pairs(first, second));
   }
   return to + 16 * units(K, true);
 }
@@ -1144,12 +1145,12 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
 }
 
 // out[0:Mr, 16 V columns] (rows N apart) = (accumulate ? out : 0) + the sum
-// over K rows k of a[k, 0:Mr] w[k] (a's rows M apart; w: V panels of 16
-// columns, a panel's rows 16 apart, panels S apart): the float32 outer
-// sums' register tile (OuterSumsF32), a read in place, a row's Mr values
-// broadcast in turn. Mr and V are template arguments so the accumulators
-// stay in registers.
-template <int Mr, int V>
+// over K units k of a[k, 0:Mr] w[k] (a's rows M apart; w: V panels of 16
+// columns, a panel's rows 16 apart, panels S apart): the outer sums' register
+// tile (OuterSums), a's row's Mr units broadcast in turn, floats or (kBf16)
+// bfloat16 pairs of two rows of a and of w. Mr and V are template arguments
+// so the accumulators stay in registers.
+template <Units U, int Mr, int V>
 void outer_tile(const float* a, long M, long K, const float* w, long S, float* z, long N,
                 bool accumulate) {
   __m512 acc[Mr][V];
@@ -1163,8 +1164,11 @@ void outer_tile(const float* a, long M, long K, const float* w, long S, float* z
     const float* ak = a + k * M;
 #pragma GCC unroll 8
     for (int i = 0; i < Mr; ++i) {
-      const __m512 ai = _mm512_set1_ps(ak[i]);
-      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+      const __m512 ai = _mm512_set1_ps(ak[i]);  // bit for bit: a pair
+      for (int v = 0; v < V; ++v) {
+        acc[i][v] = U == kBf16 ? dot_pairs(acc[i][v], ai, wk[v])
+                               : _mm512_fmadd_ps(ai, wk[v], acc[i][v]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -1179,18 +1183,19 @@ void outer_tile(const float* a, long M, long K, const float* w, long S, float* z
 // R = 4096, 256 x 1024 both ran 1.15x.)
 constexpr long kOuterRows = 6, kOuterPanels = 4;
 using OuterTile = void (*)(const float*, long, long, const float*, long, float*, long, bool);
-template <int V>
+template <Units U, int V>
 constexpr OuterTile kOuterTiles[kOuterRows + 1] = {
-    nullptr, outer_tile<1, V>, outer_tile<2, V>, outer_tile<3, V>,
-    outer_tile<4, V>, outer_tile<5, V>, outer_tile<6, V>};
+    nullptr,             outer_tile<U, 1, V>, outer_tile<U, 2, V>, outer_tile<U, 3, V>,
+    outer_tile<U, 4, V>, outer_tile<U, 5, V>, outer_tile<U, 6, V>};
+template <Units U>
 constexpr const OuterTile* kOuterTilesByPanels[kOuterPanels + 1] = {
-    nullptr, kOuterTiles<1>, kOuterTiles<2>, kOuterTiles<3>, kOuterTiles<4>};
+    nullptr, kOuterTiles<U, 1>, kOuterTiles<U, 2>, kOuterTiles<U, 3>, kOuterTiles<U, 4>};
 
 // The rows of the a's and b an outer sum takes at a time: each partition
 // packs its panels of b's block once and runs every tile over them, the
 // tiles adding to what the block before left in out. (At R = 4096,
 // 256 x 1024: blocks of 128 rows ran at 183-193 GFLOP/s, 512 at 195-202,
-// all R at once 175.)
+// all R at once 175. Even, so bfloat16 pairs never straddle two blocks.)
 constexpr long kOuterDepth = 512;
 
 // Row k of b's 16 columns from column c (a multiple of 16), times the same
@@ -1201,101 +1206,104 @@ inline __m512 b_row(const float* b, long N, const float* tiled, long H, long k, 
   return tiled ? _mm512_mul_ps(row, _mm512_loadu_ps(tiled + k * H + c % H)) : row;
 }
 
-// outs[j] [M_j, N] = a_j^T b for a_j [R, M_j] and b [R, N], float32, b's
-// columns times tiled's (b_row), and sums [N] = b's column sums. Each of the
-// P partitions owns a share of b's 16-column panels and, block by block of
-// rows, packs its panels of the block (its only copy of b, summing its
-// columns as it goes), then runs every a_j's tiles over them. b is read once
-// however many a's share it (an LSTM's inputs and outputs share dz). Every
-// output is summed over k in order, whichever thread runs it.
-void OuterSumsF32(const float* b, const float* tiled, long H, long R, long N,
-                  const std::vector<const float*>& as, const std::vector<long>& ms,
-                  const std::vector<float*>& outs, float* sums, long partitions) {
+// Units `from` to `to` of a block of K rows of a [K, M] as bfloat16 pairs
+// (unit k2 of a column: rows 2 k2 and 2 k2 + 1, a zero row padding an odd
+// K), rows of units M apart, in out.
+void pack_pair_rows(const float* a, long M, long K, long from, long to, float* out) {
+  for (long k2 = from; k2 < to; ++k2) {
+    const float* first = a + 2 * k2 * M;
+    const bool second = 2 * k2 + 1 < K;
+    for (long m = 0; m < M; m += 16) {
+      const __mmask16 live = first_lanes(M - m);
+      const __m512 x = _mm512_maskz_loadu_ps(live, first + m);
+      const __m512 y = second ? _mm512_maskz_loadu_ps(live, first + M + m) : _mm512_setzero_ps();
+      _mm512_mask_storeu_epi32(out + k2 * M + m, live, bf16_pairs(x, y));
+    }
+  }
+}
+
+// outs[j] [M_j, N] = a_j^T b for a_j [R, M_j] and b [R, N], in float32 or
+// with bfloat16 operands (bf16), b's columns times tiled's (b_row), and
+// sums [N] = b's column sums (float32). Each of the P partitions owns a share
+// of b's 16-column panels and, block by block of rows, packs its panels of
+// the block (its only copy of b, summing its columns as it goes), then runs
+// every a_j's tiles over them. b is read once however many a's share it (an
+// LSTM's inputs and outputs share dz). In float32 the tiles read the a's in
+// place, each partition going through the blocks on its own; in bfloat16
+// the partitions first round a share of each block's rows of every a to
+// pairs, and meet before the tiles read them (and again before the next
+// block's). Every output is summed over k in order, whichever thread runs it.
+void OuterSums(bool bf16, const float* b, const float* tiled, long H, long R, long N,
+               const std::vector<const float*>& as, const std::vector<long>& ms,
+               const std::vector<float*>& outs, float* sums, long partitions) {
   if (R == 0) {
     for (size_t j = 0; j < as.size(); ++j) std::fill(outs[j], outs[j] + ms[j] * N, 0.f);
     std::fill(sums, sums + N, 0.f);
     return;
   }
   const long panels = N / 16, P = std::max<long>(1, std::min<long>(partitions, panels));
-  auto share = [&](long n, long p) { return n * p / P; };  // p's panels start here
-  run_steps(1, P, [](long) {}, [&](long, long p) {
-    const long first = share(panels, p), count = share(panels, p + 1) - first;
-    if (!count) return;
-    Scratch packed(std::min(kOuterDepth, R) * 16 * count);
-    float* W = packed.data();
-    for (long k0 = 0; k0 < R; k0 += kOuterDepth) {
-      const long K = std::min(kOuterDepth, R - k0);
-      for (long v = 0; v < count; ++v) {
-        const long c = 16 * (first + v);
-        __m512 sum = k0 ? _mm512_loadu_ps(sums + c) : _mm512_setzero_ps();
-        for (long k = 0; k < K; ++k) {
-          const __m512 row = b_row(b, N, tiled, H, k0 + k, c);
-          _mm512_storeu_ps(W + (v * K + k) * 16, row);
-          sum = _mm512_add_ps(sum, row);
-        }
-        _mm512_storeu_ps(sums + c, sum);
-      }
-      for (long v0 = 0; v0 < count; v0 += kOuterPanels) {
-        const OuterTile* tiles = kOuterTilesByPanels[std::min(kOuterPanels, count - v0)];
-        for (size_t j = 0; j < as.size(); ++j) {
-          const long M = ms[j];
-          for (long m0 = 0; m0 < M; m0 += kOuterRows) {
-            tiles[std::min(kOuterRows, M - m0)](as[j] + k0 * M + m0, M, K, W + v0 * K * 16,
-                                                K * 16, outs[j] + m0 * N + 16 * (first + v0), N,
-                                                k0 > 0);
-          }
-        }
-      }
-    }
-  });
-}
-
-// The bfloat16 outer sum, out [M, N] = a^T b for a [R, M], b [R, N] (b's
-// columns times tiled's, b_row), and, if sums, b's column sums (float32):
-// rank q of the P threads packs its share of b's column panels and of a^T's
-// rows (gathered, as pairs along R); after a barrier each computes its
-// panels' columns of every row.
-void OuterSumBf16(const float* a, const float* b, const float* tiled, long H, float* Z,
-                  float* sums, long R, long M, long N, long partitions) {
-  const bool bf16 = true;
-  const long Ru = units(R, bf16), panels = N / 16;
-  const long P = std::max<long>(1, std::min<long>(partitions, panels));
-  Scratch packed(panels * Ru * 16 + M * Ru);
-  float* W = packed.data();
-  float* A = W + panels * Ru * 16;  // a^T, rows Ru units apart
-  const std::vector<float> zeros(N, 0.f);
+  const long blocks = (R + kOuterDepth - 1) / kOuterDepth;
+  const long depth = units(std::min(kOuterDepth, R), bf16);  // a block's units
   auto share = [&](long n, long p) { return n * p / P; };  // p's share starts here
+  long widest = 0, a_units = 0;
+  for (long p = 0; p < P; ++p) widest = std::max(widest, share(panels, p + 1) - share(panels, p));
+  for (const long M : ms) a_units += bf16 ? depth * M : 0;
+  Scratch packed(P * depth * 16 * widest + a_units);
+  float* const pairs = packed.data() + P * depth * 16 * widest;  // bf16: the a's block
 
-  auto pack = [&](long p) {
-    for (long j = share(panels, p); j < share(panels, p + 1); ++j) {
-      __m512 sum = _mm512_setzero_ps();
-      panel(R, bf16, [&](long k) {
-        const __m512 row = b_row(b, N, tiled, H, k, 16 * j);
+  auto pack = [&](long block, long p) {  // p's panels of b's block; bf16: its share of the a's
+    const long k0 = block * kOuterDepth, K = std::min(kOuterDepth, R - k0);
+    const long first = share(panels, p), count = share(panels, p + 1) - first;
+    float* to = packed.data() + p * depth * 16 * widest;
+    for (long c = 16 * first; c < 16 * (first + count); c += 16) {
+      __m512 sum = k0 ? _mm512_loadu_ps(sums + c) : _mm512_setzero_ps();
+      to = panel(K, bf16, [&](long k) {  // rows in order
+        const __m512 row = b_row(b, N, tiled, H, k0 + k, c);
         sum = _mm512_add_ps(sum, row);
         return row;
-      }, W + j * Ru * 16);
-      if (sums) _mm512_storeu_ps(sums + 16 * j, sum);
+      }, to);
+      _mm512_storeu_ps(sums + c, sum);
+    }
+    if (!bf16) return;
+    const long Ku = units(K, bf16);
+    float* a_pairs = pairs;
+    for (size_t j = 0; j < as.size(); ++j) {
+      pack_pair_rows(as[j] + k0 * ms[j], ms[j], K, share(Ku, p), share(Ku, p + 1), a_pairs);
+      a_pairs += Ku * ms[j];
     }
   };
-  const __m512i rows = row_offsets(M);
-  run_steps(2, P, pack, [&](long t, long p) {
-    if (t == 0) {  // a^T's rows of this share: 16 of R at a time, a zero padding an odd R
-      for (long m = share(M, p); m < share(M, p + 1); ++m) {
-        for (long r = 0; r < R; r += 16) {
-          const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_lanes(R - r),
-                                                         rows, a + r * M + m, 4);
-          // up to and with the pad
-          store_bf16(reinterpret_cast<uint16_t*>(A + m * Ru) + r, first_lanes(2 * Ru - r), column);
-        }
-      }
-      return;
-    }
+  auto tiles = [&](long block, long p) {  // p's panels' columns of every out, this block's rows
+    const long k0 = block * kOuterDepth, K = std::min(kOuterDepth, R - k0), Ku = units(K, bf16);
     const long first = share(panels, p), count = share(panels, p + 1) - first;
-    if (count) {
-      matmul(bf16, M, A, Ru, W + first * Ru * 16, nullptr, 0, nullptr, 16 * Ru, 16 * count,
-             zeros.data(), Z + 16 * first, N);
+    const float* W = packed.data() + p * depth * 16 * widest;
+    for (long v0 = 0; v0 < count; v0 += kOuterPanels) {
+      const long v = std::min(kOuterPanels, count - v0);
+      const OuterTile* by_rows =
+          (bf16 ? kOuterTilesByPanels<kBf16> : kOuterTilesByPanels<kF32>)[v];
+      const float* a_pairs = pairs;
+      for (size_t j = 0; j < as.size(); ++j) {
+        const long M = ms[j];
+        const float* a = bf16 ? a_pairs : as[j] + k0 * M;
+        for (long m0 = 0; m0 < M; m0 += kOuterRows) {
+          by_rows[std::min(kOuterRows, M - m0)](a + m0, M, Ku, W + v0 * Ku * 16, Ku * 16,
+                                                outs[j] + m0 * N + 16 * (first + v0), N, k0 > 0);
+        }
+        a_pairs += bf16 ? Ku * M : 0;
+      }
     }
-  });
+  };
+  if (!bf16) {
+    run_steps(1, P, [](long) {}, [&](long, long p) {
+      for (long block = 0; block < blocks; ++block) {
+        pack(block, p);
+        tiles(block, p);
+      }
+    });
+  } else {
+    run_steps(2 * blocks, P, [](long) {}, [&](long phase, long p) {
+      if (phase % 2) tiles(phase / 2, p); else pack(phase / 2, p);
+    });
+  }
 }
 
 // The weight gradients' products: outs[j] [M_j, N] = a_j^T b, summed over
@@ -1338,14 +1346,8 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> tiled_buf
     ms.push_back(a->dimensions()[1]);
     outs.push_back((*out)->typed_data());
   }
-  if (!bf16) {
-    OuterSumsF32(b.typed_data(), tiled, H, R, N, as, ms, outs, (*sums)->typed_data(), partitions);
-  } else {
-    for (size_t j = 0; j < as.size(); ++j) {
-      OuterSumBf16(as[j], b.typed_data(), tiled, H, outs[j], j ? nullptr : (*sums)->typed_data(),
-                   R, ms[j], N, partitions);
-    }
-  }
+  OuterSums(bf16, b.typed_data(), tiled, H, R, N, as, ms, outs, (*sums)->typed_data(),
+            partitions);
   return ffi::Error::Success();
 }
 
