@@ -121,6 +121,15 @@ def test_one_thread_gives_the_same_values_bit_for_bit(monkeypatch, matmul_dtype)
     np.testing.assert_array_equal(g, w)
 
 
+def test_the_workers_go_by_a_name_of_their_own(monkeypatch):
+  """The pool's workers are named ``seqjax_pool``, so that a profiler or
+  ``top -H`` tells them from XLA's and other libraries' threads."""
+  monkeypatch.setattr(native, "threads", lambda: 2)
+  jax.block_until_ready(jax.jit(native.lstm_forward)(*_problem(8, 20, 5, 64)))
+  names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+  assert "seqjax_pool" in names
+
+
 def _with_masks(shapes):
   """(shape, masks) cases: each mask alone on the first two shapes, none and both on all."""
   return [(*shape, masks) for i, shape in enumerate(shapes)

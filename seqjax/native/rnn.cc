@@ -30,6 +30,7 @@
 // GRU). Packing in XLA instead cost up to 2 ms a call (8 MB at D = H = 512),
 // more than 16 of those steps take.
 #include <immintrin.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -149,6 +150,7 @@ class Pool {
   }
 
   void work(int rank, uint64_t seen) {
+    pthread_setname_np(pthread_self(), "seqjax_pool");  // as top -H, perf and py-spy show it
     for (;;) {
       uint64_t word = seen;
       for (long spin = 0; spin < 20000 && (word = word_.load(std::memory_order_acquire)) == seen;
