@@ -393,12 +393,13 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
 
 @pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
 @pytest.mark.parametrize("r,m,n", [(512, 24, 64), (37, 5, 48), (1, 3, 16), (0, 4, 32),
-                                   (300, 1, 2048), (1100, 13, 176)])
+                                   (300, 1, 2048), (1100, 13, 176), (1025, 7, 32)])
 def test_the_outer_sum_kernel_equals_xla(r, m, n, matmul_dtype):
   """a^T b over the rows, as the weight gradients take it: odd row counts (a
   zero pads the last bfloat16 pair), fewer column panels than threads, no
-  rows; rows in three blocks (the kernel sums 512 at a time), a's rows and a
-  partition's panels ending in narrower tiles."""
+  rows; rows in three blocks (the kernel sums 512 at a time; the last of
+  1025 one row, one padded pair), a's rows and a partition's panels ending
+  in narrower tiles."""
   k1, k2 = jax.random.split(jax.random.key(r + m + n))
   a = jax.random.normal(k1, (r, m), jnp.float32)
   b = jax.random.normal(k2, (r, n), jnp.float32)
