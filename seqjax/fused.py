@@ -131,8 +131,8 @@ def _outer_sum(a, b, dtype, out_dtype, use_kernel=False, tiled=None):
   einsum ``tbm,tbn->mn``, two contracting dimensions, ran 1.1-2x slower on
   XLA:CPU: 50 against 98 GFLOP/s at T=1024, B=16, 128 x 512.) With
   ``use_kernel``, it runs on :func:`seqjax.native.outer_sum`, all of ``a`` and
-  the sums in one call: in float32 one pass over ``b`` (an LSTM's xs and hs
-  share dz), and a GRU's ``b * tile(tiled)`` (its gate gradients) formed as
+  the sums in one call: one pass over ``b`` (an LSTM's xs and hs share
+  dz), and a GRU's ``b * tile(tiled)`` (its gate gradients) formed as
   the kernel reads it, never written out. Against XLA's products and sum,
   training steps ran 1.05x (LSTM) and 1.15x (GRU) at peers.py's (a) (B=32,
   T=128, H=256), 1.00x and 1.02x at (b), 1.04x and 1.10x at (c); the GRU's

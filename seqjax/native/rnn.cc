@@ -1247,8 +1247,8 @@ void OuterSums(bool bf16, const float* b, const float* tiled, long H, long R, lo
   const long blocks = (R + kOuterDepth - 1) / kOuterDepth;
   const long depth = units(std::min(kOuterDepth, R), bf16);  // a block's units
   auto share = [&](long n, long p) { return n * p / P; };  // p's share starts here
-  long widest = 0, a_units = 0;
-  for (long p = 0; p < P; ++p) widest = std::max(widest, share(panels, p + 1) - share(panels, p));
+  const long widest = (panels + P - 1) / P;  // the most panels a partition owns
+  long a_units = 0;
   for (const long M : ms) a_units += bf16 ? depth * M : 0;
   Scratch packed(P * depth * 16 * widest + a_units);
   float* const pairs = packed.data() + P * depth * 16 * widest;  // bf16: the a's block
