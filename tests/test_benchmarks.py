@@ -340,3 +340,22 @@ def test_short_calls(tmp_path):
                                       * config["weights_per_row_step"] >= r["weights"])
   assert config["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
   assert "kernel/XLA" in out
+
+
+@pytest.mark.skipif(native.status() != "ready", reason="row_groups.py times the native kernels")
+def test_row_groups(tmp_path):
+  payload, out = _run("row_groups", tmp_path)
+  rows, config = payload["results"], payload["config"]
+  assert {(r["cell"], r["B"], r["H"], r["mode"]) for r in rows} == {
+      (c, b, h, m) for c in ("lstm", "gru") for b, h, _ in config["sizes"]
+      for m in ("train", "infer")}
+  for r in rows:
+    for split in ("units", "rows"):
+      _spread(r["tokens_per_s"][split])
+    _spread(r["rows_vs_units"])
+    gates = 4 if r["cell"] == "lstm" else 3
+    assert r["weights"] == {"forward": (r["D"] + r["H"]) * gates * r["H"],
+                            "reverse": r["H"] * gates * r["H"]}
+    assert r["rule_picks_rows"] == {loop: native.row_groups(r["B"], w, config["threads"]) > 1
+                                    for loop, w in r["weights"].items()}
+  assert "| rows / units (range) |" in out

@@ -130,6 +130,58 @@ def test_the_workers_go_by_a_name_of_their_own(monkeypatch):
   assert "seqjax_pool" in names
 
 
+def test_row_groups_need_a_full_tile_a_thread_and_weights_that_stay_in_cache():
+  assert native.row_groups(16, 256 * 512, cores=2) == 2  # (c): 8 rows a thread
+  assert native.row_groups(64, 2 ** 20, cores=2) == 2
+  assert native.row_groups(64, 2 ** 20 + 1, cores=2) == 1  # (b)'s 2^21: too many weights
+  assert native.row_groups(15, 1024, cores=2) == 1  # 7 rows: not a full tile
+  assert native.row_groups(40, 1024, cores=4) == 4 and native.row_groups(40, 1024, cores=8) == 5
+  assert native.row_groups(64, 1024, cores=1) == 1
+
+
+@pytest.mark.parametrize("b,h,groups", [
+    (17, 64, 2),  # two partitions; groups of 8 and 9 rows (a partial tile)
+    (16, 32, 2),  # one partition, which the split by units runs on one thread
+    (24, 64, 3),  # more groups than partitions, and than cores here
+])
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_groups_give_the_units_split_values_bit_for_bit(monkeypatch, kind, matmul_dtype, b,
+                                                             h, groups):
+  """Every loop (plain, saving, reverse), time- and batch-major, with held
+  and reset steps: split by rows, each output is the same as split by units,
+  bit for bit (a row's sums run in the same order either way)."""
+  params, xs, *carry = _problem(b, 30, 5, h, kind=kind)
+  rng = np.random.default_rng(b)
+  valid, resets = rng.random((30, b)) < 0.8, rng.random((30, b)) < 0.1
+  dys = jax.random.normal(jax.random.key(5), xs.shape[:2] + (h,), jnp.float32)
+  reverse = native.lstm_reverse if kind == "lstm" else native.gru_reverse
+
+  def every_loop(split):
+    monkeypatch.setattr(native, "row_groups", lambda batch, weights, cores=None: split)
+    out = {}
+    for bm in (False, True):
+      x, dy = (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(dys, 0, 1)) if bm else (xs, dys)
+      run = lambda save: jax.jit(functools.partial(  # traced anew for each split
+          KERNELS[kind], save=save, matmul_dtype=matmul_dtype, batch_major=bm))
+      lowered = jax.jit(functools.partial(KERNELS[kind], batch_major=bm)).lower(
+          params, x, *carry, valid, resets).as_text()
+      assert f"row_groups = {split} : i64" in lowered
+      out[bm, "forward"] = run(False)(params, x, *carry, valid, resets)
+      forward, saved = run(True)(params, x, *carry, valid, resets)
+      out[bm, "saving"] = (forward, saved)
+      reads = saved[1:] if kind == "lstm" else saved[2:]  # ps, ks, fs or ph, zs
+      out[bm, "reverse"] = jax.jit(functools.partial(
+          reverse, matmul_dtype=matmul_dtype, batch_major=bm))(
+              params["w_h"], *carry, dy, *reads, valid, resets)
+    return out
+
+  want, got = every_loop(1), every_loop(groups)
+  for key in want:
+    for g, w in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key]), strict=True):
+      np.testing.assert_array_equal(g, w, err_msg=str(key))
+
+
 def _with_masks(shapes):
   """(shape, masks) cases: each mask alone on the first two shapes, none and both on all."""
   return [(*shape, masks) for i, shape in enumerate(shapes)
@@ -640,7 +692,8 @@ def _every_kernel():
   for kind in KINDS:
     scan = _scan(kind)
     loss = lambda p, x, c: sum(jnp.sum(jnp.sin(a)) for a in scan(p, x, *c, None, None, None))
-    for b, t, d, h in [(4, 6, 3, 64), (16, 300, 32, 128)]:
+    # split by units, short and long; split by rows (row_groups)
+    for b, t, d, h in [(4, 6, 3, 64), (8, 200, 16, 64), (16, 300, 32, 128)]:
       params, xs, *carry = _problem(b, t, d, h, kind=kind)
       keep(f"{kind}{t}_forward", jax.jit(KERNELS[kind])(params, xs, *carry))
       keep(f"{kind}{t}_gradient",

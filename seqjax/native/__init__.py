@@ -3,7 +3,9 @@
 XLA:CPU runs each per-step matmul of a ``lax.scan`` recurrence on one core, so
 on a multi-core CPU the recurrence leaves the other cores idle. ``rnn.cc``
 splits the hidden units across the cores, each thread owning the gate columns
-of its units, and the threads meet once a step to exchange h
+of its units, and the threads meet once a step to exchange h; or, where each
+thread gets 8 rows or more and the weights are small (:func:`row_groups`),
+it splits the batch's rows, each thread running its rows' steps alone
 (benchmarks/README.md has the measurements). :mod:`seqjax.fused` calls them
 in float32 on CPU: each cell's forward loop, saving what its backward pass
 reads when a gradient is taken, and its backward pass's reverse loop. A cell
@@ -60,6 +62,8 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_sample": "SeqjaxGruSample"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
+_GROUP_ROWS = 8  # a row group's fewest rows: the kernels' matmul tile is 8 rows
+_GROUP_WEIGHTS = 2 ** 20  # floats (4 MiB): the most a row group's thread reads every step
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
 # floats of D = H = 512), which a short call does not repay. Measured with the
 # calls in a loop (benchmarks/short_calls.py, 2 cores): one step per call, as
@@ -189,6 +193,24 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
     if hidden % (_LANES * p) == 0 and (p == 1 or hidden // p >= _MIN_UNITS):
       return p
   return 1
+
+
+def row_groups(batch: int, weights: int, cores: int | None = None) -> int:
+  """How many threads split a loop's ``batch`` rows instead of its hidden units, or 1.
+
+  Split by units (:func:`partitions`), the threads meet every step to
+  exchange h. Split by rows, each thread runs every step of its rows alone
+  (a row's step reads only its own carry) and reads all the loop's
+  ``weights`` (floats) each step. Rows when each thread gets a full matmul
+  tile of rows (8) and the weights stay in its caches (at most 2^20 floats).
+  Both give the same values bit for bit. ``benchmarks/row_groups.py``
+  measures the two (2 cores, rows against units): 1.5-2.0x at H = 32 and
+  48 (one partition: split by units, one thread), 1.00-1.15x at H = 64-512
+  with 8 or more rows a thread; 0.77-0.88x with 4 rows a thread (B = 8),
+  0.81-0.95x with 32 MiB of weights (H = 1024).
+  """
+  groups = min(cores or threads(), batch // _GROUP_ROWS)
+  return groups if groups > 1 and weights <= _GROUP_WEIGHTS else 1
 
 
 def _bf16(matmul_dtype) -> bool | None:
@@ -382,6 +404,12 @@ def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
       *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
 
+def _loop(batch, weights, batch_major):
+  """A recurrence loop's own attributes: ``batch_major``, and its
+  :func:`row_groups` for ``batch`` rows and ``weights`` floats of weights."""
+  return dict(batch_major=batch_major, row_groups=np.int64(row_groups(batch, weights)))
+
+
 def _steps(time, batch, width, batch_major):
   """The shape of a sequence of ``width`` features: ``[T, B, width]``, or
   ``[B, T, width]`` if ``batch_major``."""
@@ -408,14 +436,15 @@ def lstm_forward(params, xs, h0, c0, valid=None, resets=None, save=False, matmul
   carry = h0.shape
   args = (xs, params["w_x"], params["w_h"], params["b"], h0, c0, *_flags(valid, resets))
   shapes = [ys_shape, carry, carry]
+  loop = _loop(batch, (xs.shape[-1] + hidden) * 4 * hidden, batch_major)
   if not save:
     ys, h, c = _call("seqjax_lstm_forward", shapes, partitions(hidden), matmul_dtype, *args,
-                     batch_major=batch_major)
+                     **loop)
     return h, c, ys
   saved = [(hidden, batch_major), (4 * hidden, False), (hidden, False), (hidden, False)]
   ys, h, c, *saved = _call("seqjax_lstm_forward_saving",
                            shapes + [_steps(time, batch, w, bm) for w, bm in saved],
-                           partitions(hidden), matmul_dtype, *args, batch_major=batch_major)
+                           partitions(hidden), matmul_dtype, *args, **loop)
   return (h, c, ys), tuple(saved)
 
 
@@ -430,7 +459,7 @@ def lstm_reverse(w_h, dh_t, dc_t, dys, ps, ks, fs, valid=None, resets=None, matm
   dz, dh, dc = _call("seqjax_lstm_reverse",
                      [_steps(time, batch, 4 * hidden, batch_major), dh_t.shape, dh_t.shape],
                      partitions(hidden), matmul_dtype, dh_t, dc_t, dys, ps, ks, fs, w_h,
-                     *_flags(valid, resets), batch_major=batch_major)
+                     *_flags(valid, resets), **_loop(batch, hidden * 4 * hidden, batch_major))
   return (dh, dc), dz
 
 
@@ -450,15 +479,15 @@ def gru_forward(params, xs, h0, valid=None, resets=None, save=False, matmul_dtyp
   args = (xs, params["w_x"], params["w_h"], params["b"], _recurrent_bias(params), h0,
           *_flags(valid, resets))
   shapes = [ys_shape, carry]
+  loop = _loop(batch, (xs.shape[-1] + hidden) * 3 * hidden, batch_major)
   if not save:
-    ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args,
-                  batch_major=batch_major)
+    ys, h = _call("seqjax_gru_forward", shapes, partitions(hidden), matmul_dtype, *args, **loop)
     return h, ys
   saved = [(hidden, batch_major), (3 * hidden, batch_major), (3 * hidden, batch_major),
            (hidden, False)]
   ys, h, *saved = _call("seqjax_gru_forward_saving",
                         shapes + [_steps(time, batch, w, bm) for w, bm in saved],
-                        partitions(hidden), matmul_dtype, *args, batch_major=batch_major)
+                        partitions(hidden), matmul_dtype, *args, **loop)
   return (h, ys), tuple(saved)
 
 
@@ -472,7 +501,7 @@ def gru_reverse(w_h, dh_t, dys, ph, zs, valid=None, resets=None, matmul_dtype=No
   (time, batch), hidden = _time_and_batch(dys, batch_major), dys.shape[-1]
   steps, dh = _call("seqjax_gru_reverse", [_steps(time, batch, hidden, batch_major), dh_t.shape],
                     partitions(hidden), matmul_dtype, dh_t, dys, ph, zs, w_h,
-                    *_flags(valid, resets), batch_major=batch_major)
+                    *_flags(valid, resets), **_loop(batch, hidden * 3 * hidden, batch_major))
   return dh, steps
 
 
@@ -568,6 +597,6 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
   return tokens, logits, states
 
 
-__all__ = ["status", "usable", "disabled", "threads", "partitions", "reuse_freed_memory",
+__all__ = ["status", "usable", "disabled", "threads", "partitions", "row_groups", "reuse_freed_memory",
            "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse", "outer_sum",
            "sample_usable", "lstm_sample", "gru_sample"]

@@ -4,8 +4,11 @@
 // the hidden units are split into P partitions, each owning the gate columns
 // of its units, so each partition's step is small matmuls and its own gate
 // math, and threads meet once a step (each waits for the count of partitions
-// done) to exchange h. Every output element is summed in the same order
-// whatever P is, so results do not depend on the thread count.
+// done) to exchange h. Or (row groups, run_steps) the threads split the
+// batch's rows instead, each running all its rows' steps with every
+// partition's weights and meeting no other. Every output element is summed
+// in the same order whatever P and the split, so results do not depend on
+// the thread count.
 //
 // Semantics: seqjax.fused's loops. The forward loops (LSTM, GRU), optionally
 // saving what the backward pass reads, and the backward passes' reverse
@@ -587,53 +590,86 @@ Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, l
           resets.element_count() ? resets.typed_data() : nullptr, T, B};
 }
 
-// Runs pack(p) for every partition p, then step(t, p) for every step t and
-// partition p, all partitions of a step done before any of the next starts:
-// phase 0 packs, phase t + 1 runs step t. The partitions are shared among the
-// pool's threads, each first taking its own (p = rank, rank + ranks, ...),
-// so a partition's packed weights stay in the cache of the thread that
-// packed them. A thread that is late (not yet woken for this call, or off
-// its core between steps) does not hold the others back: one that has run
-// its own partitions and waits takes any of the phase's partitions no one
-// has started (one compare-and-swap on the partition's next phase), and the
-// late thread joins in where the others are. Every output is computed the
-// same way whichever thread runs it. A call that finds the pool busy
-// (another recurrence running at the same time) runs alone.
+// Runs pack(p) for every partition p, then the steps, in one of two ways.
+//
+// G = 1: step(t, p, 0, B) for every step t and partition p, all partitions
+// of a step done before any of the next starts (the threads split the hidden
+// units and meet every step). Phase 0 packs, phase t + 1 runs step t.
+//
+// G > 1 row groups: the threads split the batch's rows instead. Group g runs
+// step(t, p, g B / G, (g + 1) B / G) for every t and, within a step, every p
+// in turn, all on one thread, and meets no other after the packing: a row's
+// step reads only that row's carry. Each thread then reads every partition's
+// weights each step, which pays while they stay in its caches and each group
+// has a full register tile of rows (Python's row_groups() chooses G so).
+//
+// Phase items (partitions, or groups) are shared among the pool's threads,
+// each first taking its own (rank, rank + ranks, ...), so a partition's
+// packed weights stay in the cache of the thread that packed them. A thread
+// that is late (not yet woken for this call, or off its core between steps)
+// does not hold the others back: one that has run its own items and waits
+// takes any of the phase's items no one has started (one compare-and-swap on
+// the item's next phase), and the late thread joins in where the others are.
+// Every output is computed the same way whichever thread runs it, in either
+// way. A call that finds the pool busy (another recurrence running at the
+// same time) runs alone.
 template <class Pack, class Step>
-void run_steps(long T, long P, const Pack& pack, const Step& step) {
+void run_steps(long T, long P, long G, long B, const Pack& pack, const Step& step) {
   if (T <= 0) return;  // no steps: nothing to pack for
+  G = std::max(1L, std::min(G, B));
+  auto group = [&](long g) {
+    for (long t = 0; t < T; ++t) {
+      for (long p = 0; p < P; ++p) step(t, p, g * B / G, (g + 1) * B / G);
+    }
+  };
   Pool& pool = Pool::get();
   std::unique_lock<std::mutex> lock(pool.busy(), std::try_to_lock);
-  const long ranks = lock.owns_lock() ? std::min<long>(P, 1024) : 1;  // P: Python's threads()
+  // P or G: Python's threads()
+  const long ranks = lock.owns_lock() ? std::min<long>(G > 1 ? G : P, 1024) : 1;
   if (ranks == 1) {
     for (long p = 0; p < P; ++p) pack(p);
-    for (long t = 0; t < T; ++t) {
-      for (long p = 0; p < P; ++p) step(t, p);
+    if (G > 1) {
+      for (long g = 0; g < G; ++g) group(g);
+    } else {
+      for (long t = 0; t < T; ++t) {
+        for (long p = 0; p < P; ++p) step(t, p, 0, B);
+      }
     }
     return;
   }
-  struct alignas(64) Next {  // a partition's next phase, on a cache line of its own
+  // Phase 0's items are the P packs; each later phase has `items`: P
+  // partitions' step, or (G > 1, one phase) the G groups.
+  const long items = G > 1 ? G : P, phases = G > 1 ? 1 : T;
+  struct alignas(64) Next {  // an item's next phase, on a cache line of its own
     std::atomic<long> phase{0};
   };
-  std::vector<Next> next(P);
-  alignas(64) std::atomic<long> done{0};  // partition-phases done
+  std::vector<Next> next(std::max(P, items));
+  for (long i = P; i < items; ++i) next[i].phase.store(1, std::memory_order_relaxed);  // no pack
+  alignas(64) std::atomic<long> done{0};  // items done
   std::function<void(int)> job = [&](int rank) {
-    for (long phase = 0; phase <= T; ++phase) {
-      auto run = [&](long p) {  // partition p's phase, unless another thread has it
+    for (long phase = 0; phase <= phases; ++phase) {
+      const long n = phase == 0 ? P : items;
+      auto run = [&](long i) {  // item i's phase, unless another thread has it
         long expected = phase;
-        if (next[p].phase.load(std::memory_order_relaxed) != phase ||
-            !next[p].phase.compare_exchange_strong(expected, phase + 1,
+        if (next[i].phase.load(std::memory_order_relaxed) != phase ||
+            !next[i].phase.compare_exchange_strong(expected, phase + 1,
                                                    std::memory_order_acq_rel)) {
           return;
         }
-        if (phase == 0) pack(p); else step(phase - 1, p);
+        if (phase == 0) {
+          pack(i);
+        } else if (G > 1) {
+          group(i);
+        } else {
+          step(phase - 1, i, 0, B);
+        }
         done.fetch_add(1, std::memory_order_release);  // after the kernels' own sfence
       };
-      for (long p = rank; p < P; p += ranks) run(p);
-      const long target = P * (phase + 1);
+      for (long i = rank; i < n; i += ranks) run(i);
+      const long target = P + items * phase;
       for (long spin = 0; done.load(std::memory_order_acquire) < target; ++spin) {
         if (spin % 64 == 63) {
-          for (long p = 0; p < P; ++p) run(p);  // a late thread's partitions
+          for (long i = 0; i < n; ++i) run(i);  // a late thread's items
         }
         if (spin < 4000) _mm_pause(); else std::this_thread::yield();
       }
@@ -654,17 +690,25 @@ struct LstmGates {
         c(_mm512_add_ps(_mm512_mul_ps(f, c_prev), _mm512_mul_ps(i, g))) {}
 };
 
-// The reverse loops: for t = T - 1 down to 0, gates(t, p) for every
-// partition, a barrier, then carry(t, p) (which reads every partition's
-// gates), and a barrier.
+// The hidden units' split alone (G = 1): step(t, p).
+template <class Pack, class Step>
+void run_steps(long T, long P, const Pack& pack, const Step& step) {
+  run_steps(T, P, 1, 1, pack, [&](long t, long p, long, long) { step(t, p); });
+}
+
+// The reverse loops: for t = T - 1 down to 0, gates(t, p, r0, r1) for every
+// partition, then carry(t, p, r0, r1) for every partition (which reads every
+// partition's gates): with G = 1 (rows 0 to B), a barrier after each; with
+// row groups, a group's rows run both in turn.
 template <class Pack, class Gates, class Carry>
-void run_reverse_steps(long T, long P, const Pack& pack, const Gates& gates, const Carry& carry) {
-  run_steps(2 * T, P, pack, [&](long phase_step, long p) {
+void run_reverse_steps(long T, long P, long G, long B, const Pack& pack, const Gates& gates,
+                       const Carry& carry) {
+  run_steps(2 * T, P, G, B, pack, [&](long phase_step, long p, long r0, long r1) {
     const long t = T - 1 - phase_step / 2;
     if (phase_step % 2 == 0) {
-      gates(t, p);
+      gates(t, p, r0, r1);
     } else {
-      carry(t, p);
+      carry(t, p, r0, r1);
     }
   });
 }
@@ -728,7 +772,7 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
                 ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b, ffi::Buffer<ffi::F32>& h0,
                 ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::U8>& valid,
                 ffi::Buffer<ffi::U8>& resets, int64_t partitions, bool bf16, bool batch_major,
-                float* Y, float* HT, float* C, float* const* saves) {
+                int64_t row_groups, float* Y, float* HT, float* C, float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
@@ -762,19 +806,21 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     pack_columns(w_x.typed_data(), D, w_h.typed_data(), H, 4, H, Hp, p, bf16, W + p * K * N);
     pack_bias(b.typed_data(), 4, H, Hp, p, Bias + p * N);
   };
-  run_steps(T, P, pack, [&](long t, long p) {
+  run_steps(T, P, row_groups, B, pack, [&](long t, long p, long r0, long r1) {  // rows r0 to r1
     const float* hin = hbuf.data() + (t & 1) * B * H;
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     const float* wp = W + p * K * N;
     float* z = zbuf.data() + p * B * N;
-    // bf16: this partition's own copy of the step's operands, rounded
-    const long lda = io.stride() * D;
-    const float* x = operand(bf16, B, X + io.row(t, 0) * D, D, pairs.data() + p * B * K, lda);
-    const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * K + B * Du);
-    matmul(bf16, B, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z, 0, 0,
-           bf16 ? Du : lda);
+    // bf16: this partition's own copy of the step's operands, rounded ([B,
+    // Du] of x, then [B, Hu] of h)
+    const long lda = io.stride() * D, rows = r1 - r0;
+    float* rounded = pairs.data() + p * B * K;
+    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, rounded + r0 * Du, lda);
+    const float* h_in = operand(bf16, rows, hin + r0 * H, H, rounded + B * Du + r0 * Hu);
+    matmul(bf16, rows, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z + r0 * N, 0,
+           0, bf16 ? Du : lda);
     const __m512 one = _mm512_set1_ps(1.f);
-    for (long r = 0; r < B; ++r) {
+    for (long r = r0; r < r1; ++r) {
       const float* zr = z + r * N;
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
       const long row = io.time_major().row(t, r), own = row * H + p * Hp;  // ps, ks, fs
@@ -824,8 +870,8 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                            ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
                            ffi::ResultBuffer<ffi::F32> c_out, int64_t partitions, bool bf16,
-                           bool batch_major) {
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major,
+                           bool batch_major, int64_t row_groups) {
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major, row_groups,
               ys->typed_data(), h_out->typed_data(), c_out->typed_data(), nullptr);
 }
 
@@ -836,10 +882,10 @@ ffi::Error LstmForwardSavingImpl(
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> c_out,
     ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> ps,
     ffi::ResultBuffer<ffi::F32> ks, ffi::ResultBuffer<ffi::F32> fs, int64_t partitions,
-    bool bf16, bool batch_major) {
+    bool bf16, bool batch_major, int64_t row_groups) {
   float* const saves[4] = {hs->typed_data(), ps->typed_data(), ks->typed_data(),
                            fs->typed_data()};
-  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major,
+  return Lstm(xs, w_x, w_h, b, h0, c0, valid, resets, partitions, bf16, batch_major, row_groups,
               ys->typed_data(), h_out->typed_data(), c_out->typed_data(), saves);
 }
 
@@ -857,7 +903,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
                            ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> dz_out,
                            ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::F32> dc_out,
-                           int64_t partitions, bool bf16, bool batch_major) {
+                           int64_t partitions, bool bf16, bool batch_major, int64_t row_groups) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
     return ffi::Error::InvalidArgument(
@@ -889,8 +935,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   const std::vector<float> zeros(Hp, 0.f);
 
   // Gates: each partition's dz columns and dc. Carry: its columns of dh.
-  auto gates = [&](long t, long p) {
-    for (long r = 0; r < B; ++r) {
+  auto gates = [&](long t, long p, long r0, long r1) {
+    for (long r = r0; r < r1; ++r) {
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
       const long row = io.time_major().row(t, r), own = row * H + p * Hp;  // ps, ks, fs
       const bool live = fl.live(t, r);
@@ -909,13 +955,14 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
       }
     }
   };
-  auto carry = [&](long t, long p) {
+  auto carry = [&](long t, long p, long r0, long r1) {
     float* product = products.data() + p * B * Hp;
-    const long lda = io.stride() * G;
-    const float* dz = operand(bf16, B, DZ + io.row(t, 0) * G, G, pairs.data() + p * B * Gu, lda);
-    matmul(bf16, B, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
-           product, 0, 0, bf16 ? Gu : lda);
-    for (long r = 0; r < B; ++r) {
+    const long lda = io.stride() * G, rows = r1 - r0;
+    const float* dz = operand(bf16, rows, DZ + io.row(t, r0) * G, G,
+                              pairs.data() + p * B * Gu + r0 * Gu, lda);
+    matmul(bf16, rows, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
+           product + r0 * Hp, 0, 0, bf16 ? Gu : lda);
+    for (long r = r0; r < r1; ++r) {
       const long off = r * H + p * Hp;
       const bool live = fl.live(t, r), reset = fl.reset(t, r);
       for (long j = 0; j < Hp; j += 16) {
@@ -931,7 +978,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   auto pack = [&](long p) {
     pack_rows_transposed(w_h.typed_data(), 4, H, Hp, p, bf16, WT + p * Gu * Hp);
   };
-  run_reverse_steps(T, P, pack, gates, carry);
+  run_reverse_steps(T, P, row_groups, B, pack, gates, carry);
   return ffi::Error::Success();
 }
 
@@ -944,7 +991,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
 ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffer<ffi::F32>& w_h,
                ffi::Buffer<ffi::F32>& bx, ffi::Buffer<ffi::F32>& bh, ffi::Buffer<ffi::F32>& h0,
                ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, int64_t partitions,
-               bool bf16, bool batch_major, float* Y, float* HT, float* const* saves) {
+               bool bf16, bool batch_major, int64_t row_groups, float* Y, float* HT,
+               float* const* saves) {
   const auto xd = xs.dimensions(), wxd = w_x.dimensions(), whd = w_h.dimensions();
   if (xd.size() != 3 || wxd.size() != 2 || whd.size() != 2 || h0.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument(
@@ -981,21 +1029,23 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     pack_bias(bx.typed_data(), 3, H, Hp, p, BX + p * N);
     pack_bias(bh.typed_data(), 3, H, Hp, p, BH + p * N);
   };
-  run_steps(T, P, pack, [&](long t, long p) {
+  run_steps(T, P, row_groups, B, pack, [&](long t, long p, long r0, long r1) {  // rows r0 to r1
     const float* hin = hbuf.data() + (t & 1) * B * H;
     float* hnext = hbuf.data() + ((t + 1) & 1) * B * H;
     float* zx = zbuf.data() + 2 * p * B * N;
     float* zh = zx + B * N;
-    // bf16: this partition's own copy of the step's operands, rounded
-    const long lda = io.stride() * D;
-    const float* x = operand(bf16, B, X + io.row(t, 0) * D, D, pairs.data() + p * B * (Du + Hu),
-                             lda);
-    const float* h_in = operand(bf16, B, hin, H, pairs.data() + p * B * (Du + Hu) + B * Du);
-    matmul(bf16, B, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N, zx, 0, 0,
-           bf16 ? Du : lda);
-    matmul(bf16, B, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N, zh);
+    // bf16: this partition's own copy of the step's operands, rounded ([B,
+    // Du] of x, then [B, Hu] of h)
+    const long lda = io.stride() * D, rows = r1 - r0;
+    float* rounded = pairs.data() + p * B * (Du + Hu);
+    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, rounded + r0 * Du, lda);
+    const float* h_in = operand(bf16, rows, hin + r0 * H, H, rounded + B * Du + r0 * Hu);
+    matmul(bf16, rows, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N,
+           zx + r0 * N, 0, 0, bf16 ? Du : lda);
+    matmul(bf16, rows, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N,
+           zh + r0 * N);
     const __m512 one = _mm512_set1_ps(1.f);
-    for (long r = 0; r < B; ++r) {
+    for (long r = r0; r < r1; ++r) {
       const float* xr = zx + r * N;
       const float* hr = zh + r * N;
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
@@ -1047,8 +1097,8 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                           ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets,
                           ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_out,
-                          int64_t partitions, bool bf16, bool batch_major) {
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major,
+                          int64_t partitions, bool bf16, bool batch_major, int64_t row_groups) {
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major, row_groups,
              ys->typed_data(), h_out->typed_data(), nullptr);
 }
 
@@ -1058,10 +1108,11 @@ ffi::Error GruForwardSavingImpl(
     ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> ys,
     ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> hs,
     ffi::ResultBuffer<ffi::F32> px, ffi::ResultBuffer<ffi::F32> ph,
-    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16, bool batch_major) {
+    ffi::ResultBuffer<ffi::F32> zs, int64_t partitions, bool bf16, bool batch_major,
+    int64_t row_groups) {
   float* const saves[4] = {hs->typed_data(), px->typed_data(), ph->typed_data(),
                            zs->typed_data()};
-  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major,
+  return Gru(xs, w_x, w_h, bx, bh, h0, valid, resets, partitions, bf16, batch_major, row_groups,
              ys->typed_data(), h_out->typed_data(), saves);
 }
 
@@ -1078,7 +1129,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
                           ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::U8> valid,
                           ffi::Buffer<ffi::U8> resets, ffi::ResultBuffer<ffi::F32> steps_out,
                           ffi::ResultBuffer<ffi::F32> dh_out, int64_t partitions,
-                          bool bf16, bool batch_major) {
+                          bool bf16, bool batch_major, int64_t row_groups) {
   const auto yd = dys.dimensions(), wd = w_h.dimensions();
   if (yd.size() != 3 || wd.size() != 2) {
     return ffi::Error::InvalidArgument(
@@ -1105,8 +1156,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   std::vector<float> g(B * G), products(P * B * Hp), pairs(bf16 ? P * B * Gu : 0);
   const std::vector<float> zeros(Hp, 0.f);
 
-  auto gates = [&](long t, long p) {
-    for (long r = 0; r < B; ++r) {
+  auto gates = [&](long t, long p, long r0, long r1) {
+    for (long r = r0; r < r1; ++r) {
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
       const float* pr = PH + io.row(t, r) * G + p * Hp;
       float* gr = g.data() + r * G + p * Hp;
@@ -1120,12 +1171,12 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
       }
     }
   };
-  auto carry = [&](long t, long p) {
+  auto carry = [&](long t, long p, long r0, long r1) {
     float* product = products.data() + p * B * Hp;
-    const float* gt = operand(bf16, B, g.data(), G, pairs.data() + p * B * Gu);
-    matmul(bf16, B, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
-           product);
-    for (long r = 0; r < B; ++r) {
+    const float* gt = operand(bf16, r1 - r0, g.data() + r0 * G, G, pairs.data() + (p * B + r0) * Gu);
+    matmul(bf16, r1 - r0, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
+           product + r0 * Hp);
+    for (long r = r0; r < r1; ++r) {
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
       const bool live = fl.live(t, r), reset = fl.reset(t, r);
       const long own = io.time_major().row(t, r) * H + p * Hp;  // zs
@@ -1142,7 +1193,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   auto pack = [&](long p) {
     pack_rows_transposed(w_h.typed_data(), 3, H, Hp, p, bf16, WT + p * Gu * Hp);
   };
-  run_reverse_steps(T, P, pack, gates, carry);
+  run_reverse_steps(T, P, row_groups, B, pack, gates, carry);
   return ffi::Error::Success();
 }
 
@@ -1656,6 +1707,18 @@ auto Attributes(Binding binding) {
   return std::move(binding).template Attr<int64_t>("partitions").template Attr<bool>("bf16");
 }
 
+// The recurrences' loops' attributes: Attributes()'s two, then whether every
+// [T, B, ...] sequence they read or write (xs, ys, the saves, dys, dz,
+// dh_steps) is [B, T, ...], and the row groups (run_steps; 1: none).
+template <class Binding>
+auto LoopAttributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("partitions")
+      .template Attr<bool>("bf16")
+      .template Attr<bool>("batch_major")
+      .template Attr<int64_t>("row_groups");
+}
+
 auto GruForwardBinding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()  // xs
@@ -1672,21 +1735,18 @@ auto GruForwardBinding() {
 
 }  // namespace
 
-// The recurrences' loops also take `batch_major`: every [T, B, ...] sequence
-// they read or write (xs, ys, the saves, dys, dz, dh_steps) is [B, T, ...].
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForward, LstmForwardImpl,
-                              Attributes(LstmForwardBinding()).Attr<bool>("batch_major"));
+                              LoopAttributes(LstmForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmForwardSaving, LstmForwardSavingImpl,
-                              Attributes(LstmForwardBinding()
+                              LoopAttributes(LstmForwardBinding()
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ps
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ks
-                                              .Ret<ffi::Buffer<ffi::F32>>())  // fs
-                                  .Attr<bool>("batch_major"));
+                                              .Ret<ffi::Buffer<ffi::F32>>()));  // fs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
-                              Attributes(ffi::Ffi::Bind()
+                              LoopAttributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
@@ -1698,22 +1758,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_0
-                                  .Ret<ffi::Buffer<ffi::F32>>())  // dc_0
-                                  .Attr<bool>("batch_major"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dc_0
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForward, GruForwardImpl,
-                              Attributes(GruForwardBinding()).Attr<bool>("batch_major"));
+                              LoopAttributes(GruForwardBinding()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruForwardSaving, GruForwardSavingImpl,
-                              Attributes(GruForwardBinding()
+                              LoopAttributes(GruForwardBinding()
                                               .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                               .Ret<ffi::Buffer<ffi::F32>>()  // px
                                               .Ret<ffi::Buffer<ffi::F32>>()  // ph
-                                              .Ret<ffi::Buffer<ffi::F32>>())  // zs
-                                  .Attr<bool>("batch_major"));
+                                              .Ret<ffi::Buffer<ffi::F32>>()));  // zs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
-                              Attributes(ffi::Ffi::Bind()
+                              LoopAttributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ph
@@ -1722,8 +1780,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid
                                   .Arg<ffi::Buffer<ffi::U8>>()   // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh_steps
-                                  .Ret<ffi::Buffer<ffi::F32>>())  // dh_0
-                                  .Attr<bool>("batch_major"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));  // dh_0
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOuterSum, OuterSumImpl,
                               Attributes(ffi::Ffi::Bind()
