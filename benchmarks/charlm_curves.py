@@ -93,7 +93,7 @@ def _quick_run(folder: Path) -> Path:
 
 
 def main(argv=None):
-  parser = common.arguments(__doc__.splitlines()[0], "charlm_curves")
+  parser = common.arguments(__doc__.splitlines()[0], "charlm_curves", per_backend=False)
   parser.add_argument("--run", action="append", default=[], metavar="LABEL=WORKDIR",
                       help="a finished training run (repeatable)")
   args = parser.parse_args(argv)

@@ -118,13 +118,46 @@ def write(path: Path, benchmark: str, config: dict, results: list) -> dict:
   return payload
 
 
-def arguments(description: str, name: str) -> argparse.ArgumentParser:
-  """The flags every script shares: ``--quick``, ``--out``, ``--plots``."""
-  parser = argparse.ArgumentParser(description=description)
+class _Parser(argparse.ArgumentParser):
+  """An argument parser that fills in ``--out`` once the rest is parsed."""
+
+  def __init__(self, description: str, results: str | Callable[[argparse.Namespace], str]):
+    super().__init__(description=description)
+    self.results = results
+
+  def parse_args(self, args=None, namespace=None):
+    parsed = super().parse_args(args, namespace)
+    if parsed.out is None:
+      parsed.out = results_path(self.results(parsed) if callable(self.results) else self.results)
+    return parsed
+
+
+def results_path(name: str, backend: str | None = None) -> Path:
+  """``results/<name>.json`` for results measured on CPU, ``results/<name>_<backend>.json``
+  on another backend (default: JAX's default backend, which this starts)."""
+  if backend is None:
+    import jax  # noqa: PLC0415 - after the caller has set up its environment
+    backend = jax.default_backend()
+  return RESULTS / f"{on_backend(name, backend)}.json"
+
+
+def arguments(description: str, name: str | Callable[[argparse.Namespace], str],
+              per_backend: bool = True) -> argparse.ArgumentParser:
+  """The flags every script shares: ``--quick``, ``--out``, ``--plots``.
+
+  ``--out`` defaults to :func:`results_path` of ``name`` (or of what ``name``
+  gives for the parsed flags), so results measured on a GPU do not replace
+  the CPU's; with ``per_backend=False`` to ``results/<name>.json`` (a script
+  whose results do not depend on where it runs), or to ``None`` for the
+  script to name after parsing (``parser.set_defaults(out=None)``)."""
+  parser = _Parser(description, name) if per_backend else argparse.ArgumentParser(
+      description=description)
   parser.add_argument("--quick", action="store_true",
                       help="a tiny configuration (seconds), for tests")
-  parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json",
-                      help="where the JSON results go")
+  default = None if per_backend else RESULTS / f"{name}.json"
+  parser.add_argument("--out", type=Path, default=default,
+                      help="where the JSON results go (default: results/NAME.json, or "
+                           "results/NAME_<backend>.json measured off CPU)")
   parser.add_argument("--plots", type=Path, default=None,
                       help="folder for PNG plots (default: next to --out)")
   return parser

@@ -1,6 +1,6 @@
 """The fused loops' unroll factor: seqjax.scan LSTM and GRU throughput at each factor.
 
-    python benchmarks/loop_unroll.py --out benchmarks/results/loop_unroll_gpu.json  # a GPU: ~1 min
+    python benchmarks/loop_unroll.py   # on a GPU (results/loop_unroll_gpu.json): ~1 min
     python benchmarks/loop_unroll.py --quick --out /tmp/loop_unroll.json
 
 ``seqjax.scan`` runs an LSTM or a reset-after GRU through :mod:`seqjax.fused`,

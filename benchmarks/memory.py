@@ -95,6 +95,7 @@ def measure(variant: str, steps: int, hidden: int, batch: int, chunk: int, max_g
   plan = compiled.memory_analysis()
   planned = plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
   row = dict(variant=variant, T=steps, B=batch, H=hidden, chunk=chunk, compile_s=compile_s,
+             backend=jax.default_backend(),
              xla_plan_bytes=dict(arguments=plan.argument_size_in_bytes,
                                  outputs=plan.output_size_in_bytes,
                                  temporaries=plan.temp_size_in_bytes, total=planned))
@@ -125,8 +126,7 @@ def measure(variant: str, steps: int, hidden: int, batch: int, chunk: int, max_g
   sampler.join()
   row.update(step_s=common.spread(times), tokens_per_s=batch * steps / common.median(times),
              loss=losses[0], peak_rss_bytes=_rss_bytes("VmHWM"),
-             rss_before_step_bytes=before, step_rss_increase_bytes=peak[0] - before,
-             backend=jax.default_backend())
+             rss_before_step_bytes=before, step_rss_increase_bytes=peak[0] - before)
   if row["backend"] != "cpu":
     row["peak_device_bytes"] = jax.local_devices()[0].memory_stats()["peak_bytes_in_use"]
   return row
@@ -220,7 +220,10 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   if "--worker" in argv:
     return _worker(argv)
-  parser = common.arguments(__doc__.splitlines()[0], "memory")
+  # The results' name waits for the first row's backend: JAX starts in the
+  # workers only (on a GPU it would take the device's memory here).
+  parser = common.arguments(__doc__.splitlines()[0], "memory", per_backend=False)
+  parser.set_defaults(out=None)
   common.table_arguments(parser)
   parser.add_argument("--steps", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
                       help="sequence lengths T")
@@ -257,8 +260,9 @@ def main(argv=None):
         print(f"T={t:>6} {variant:>6}: {_peak_name([row])} {_peak(row) / GIB:.2f} GiB, "
               f"XLA plan {row['xla_plan_bytes']['total'] / GIB:.2f} GiB, "
               f"{row['step_s']['median']:.2f} s/step, loss {row['loss']:.4f}", flush=True)
-      common.write(args.out, "memory", config, results)  # a run cut short keeps these
-  plot(results, (args.plots or args.out.parent) / f"{args.out.stem}.png")
+      out = args.out or common.results_path("memory", row["backend"])
+      common.write(out, "memory", config, results)  # a run cut short keeps these
+  plot(results, (args.plots or out.parent) / f"{out.stem}.png")
   print(common.readme_table(_marker(results), markdown, results, update=args.update_readme))
 
 

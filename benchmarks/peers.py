@@ -318,7 +318,7 @@ def main(argv=None):
   # Before XLA's threads start (reuse_freed_memory's docstring); every
   # contender runs in this process, so all of them get the reuse.
   reuse = native.reuse_freed_memory()
-  parser = common.arguments(__doc__.splitlines()[0], results_name())
+  parser = common.arguments(__doc__.splitlines()[0], "peers")  # results/peers_gpu.json on a GPU
   parser.add_argument("--contenders", default=None,
                       help=f"comma-separated of {','.join(CONTENDERS)} (default: all that can "
                            "run here)")

@@ -104,6 +104,12 @@ def markdown(results) -> str:
   return "\n".join(lines)
 
 
+def _marker(config) -> str:
+  """The README table's marker: ``precision``, or ``precision_gpu`` for results
+  measured on a GPU (a results file from before the config named its backend: CPU)."""
+  return common.on_backend("precision", config.get("backend", "cpu"))
+
+
 def main(argv=None):
   reuse = native.reuse_freed_memory()  # as in peers.py: first, for every contender
   parser = common.arguments(__doc__.splitlines()[0], "precision")
@@ -112,7 +118,7 @@ def main(argv=None):
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
-    common.table_from(args.table_from, "precision", markdown)
+    common.table_from(args.table_from, lambda saved: _marker(saved["config"]), markdown)
     return
   sizes = peers.QUICK_SIZES if args.quick else peers.SIZES
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
@@ -134,9 +140,10 @@ def main(argv=None):
               f"{errors['outputs']:.1e}, gradients <= {max(errors['gradients'].values()):.1e} "
               f"(torch: {torch_errors['outputs']:.1e}, "
               f"{max(torch_errors['gradients'].values()):.1e})", flush=True)
-  common.write(args.out, "precision", dict(sizes=sizes, rounds=rounds, calls=calls,
-                                           reuse_freed_memory=reuse), results)
-  print(common.readme_table("precision", markdown, results, update=args.update_readme))
+  config = dict(sizes=sizes, rounds=rounds, calls=calls, backend=jax.default_backend(),
+                reuse_freed_memory=reuse)
+  common.write(args.out, "precision", config, results)
+  print(common.readme_table(_marker(config), markdown, results, update=args.update_readme))
 
 
 if __name__ == "__main__":

@@ -111,13 +111,11 @@ def sampler(cell, variant, length, batch):
 
 def main(argv=None):
   reuse = native.reuse_freed_memory()  # first: before XLA's threads start
-  parser = common.arguments(__doc__.splitlines()[0], "sampling")
+  name = lambda flags: "sampling" + ("" if flags.cell == "lstm" else f"_{flags.cell}")
+  parser = common.arguments(__doc__.splitlines()[0], name)  # results/sampling.json, sampling_gru.json
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--cell", choices=sorted(CELLS), default="lstm")
-  parser.set_defaults(out=None)  # results/sampling.json, or sampling_gru.json
   args = parser.parse_args(argv)
-  suffix = "" if args.cell == "lstm" else f"_{args.cell}"
-  args.out = args.out or common.RESULTS / f"sampling{suffix}.json"
   make_cell = CELLS[args.cell][0]
   kernels = jax.default_backend() == "cpu" and native.status() == "ready"  # CPU kernels
   if args.quick:

@@ -256,6 +256,23 @@ def test_peers_on_a_gpu_leaves_out_seqjax_xla_and_keeps_its_own_table(monkeypatc
   assert peers.results_name() == "peers_gpu" and peers.results_name("cpu") == "peers"
 
 
+def test_results_files_are_named_after_the_backend_they_were_measured_on(monkeypatch):
+  common, precision = _bench_module("common"), _bench_module("precision")
+  results = BENCH / "results"
+  assert common.results_path("peers", "gpu") == results / "peers_gpu.json"
+  assert common.results_path("memory", "cpu") == results / "memory.json"
+  assert common.results_path("precision") == results / "precision.json"  # JAX's backend: CPU
+  parser = common.arguments("x", lambda flags: f"x_{flags.cell}")  # named after a flag
+  parser.add_argument("--cell", default="gru")
+  assert parser.parse_args([]).out == results / "x_gru.json"
+  assert parser.parse_args(["--out", "/tmp/y.json"]).out == Path("/tmp/y.json")
+  assert common.arguments("x", "x", per_backend=False).parse_args([]).out == results / "x.json"
+  assert precision._marker({"backend": "gpu"}) == "precision_gpu"
+  assert precision._marker({}) == precision._marker({"backend": "cpu"}) == "precision"
+  monkeypatch.setattr(common, "on_backend", lambda name, backend: f"{name}_gpu")  # as on a GPU
+  assert common.arguments("x", "peers").parse_args([]).out == results / "peers_gpu.json"
+
+
 def test_table_from_writes_the_table_of_the_backend_the_json_was_measured_on(tmp_path,
                                                                               monkeypatch):
   common, peers, memory = (_bench_module(n) for n in ("common", "peers", "memory"))
