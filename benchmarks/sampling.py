@@ -111,8 +111,9 @@ def sampler(cell, variant, length, batch):
 
 def main(argv=None):
   reuse = native.reuse_freed_memory()  # first: before XLA's threads start
+  # results/sampling.json, sampling_gru.json (on a GPU sampling_gpu.json, ...)
   name = lambda flags: "sampling" + ("" if flags.cell == "lstm" else f"_{flags.cell}")
-  parser = common.arguments(__doc__.splitlines()[0], name)  # results/sampling.json, sampling_gru.json
+  parser = common.arguments(__doc__.splitlines()[0], name)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--cell", choices=sorted(CELLS), default="lstm")
   args = parser.parse_args(argv)

@@ -597,6 +597,6 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
   return tokens, logits, states
 
 
-__all__ = ["status", "usable", "disabled", "threads", "partitions", "row_groups", "reuse_freed_memory",
-           "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse", "outer_sum",
-           "sample_usable", "lstm_sample", "gru_sample"]
+__all__ = ["status", "usable", "disabled", "threads", "partitions", "row_groups",
+           "reuse_freed_memory", "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse",
+           "outer_sum", "sample_usable", "lstm_sample", "gru_sample"]

@@ -1173,8 +1173,9 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   };
   auto carry = [&](long t, long p, long r0, long r1) {
     float* product = products.data() + p * B * Hp;
-    const float* gt = operand(bf16, r1 - r0, g.data() + r0 * G, G, pairs.data() + (p * B + r0) * Gu);
-    matmul(bf16, r1 - r0, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
+    const long rows = r1 - r0;
+    const float* gt = operand(bf16, rows, g.data() + r0 * G, G, pairs.data() + (p * B + r0) * Gu);
+    matmul(bf16, rows, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product + r0 * Hp);
     for (long r = r0; r < r1; ++r) {
       const long off = r * H + p * Hp, at = io.row(t, r) * H + p * Hp;
