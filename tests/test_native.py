@@ -190,7 +190,9 @@ def _with_masks(shapes):
 
 @pytest.mark.parametrize("b,t,d,h,masks", _with_masks([
     (16, 40, 24, 64),  # two threads, two full row tiles
-    (13, 9, 5, 96),    # a partial row tile
+    (13, 9, 5, 96),    # a partial row tile: 7 + 6 rows
+    (12, 9, 5, 96),    # 6 + 6 rows, four panels at a time, two at a block's end (GRU)
+    (20, 7, 5, 48),    # two row groups (threads) of 10 rows, in tiles of 5
     (1, 7, 1, 32),     # one row, one input feature
     (1, 4, 5, 80),     # one row (eight panels at a time), narrower tiles at a row's end
     (2, 6, 3, 80),     # two rows (four panels at a time)

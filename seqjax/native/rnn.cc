@@ -524,20 +524,26 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,         tile<U, 1, V>, tile<U, 2, V
 // them); q and rs: kInt8's s_w and corrections (32 per panel) and its rows'
 // s_a. Column blocks outside, so each block of w stays in cache across the
 // row tiles. A tile sums k in order whatever its shape, so the shapes are
-// free: with few rows, more panels at a time keep 8 or more accumulators in
-// flight (the FMA latency), and one row (a matrix-vector product) reads 8
-// panels.
+// free. The rows go in as few tiles as hold them (up to kRows each), as even
+// as they split (12 rows: 6 + 6, not 8 + 4); tiles of up to 6 rows take 4
+// panels at a time, 16-24 accumulators (8 rows: 2 panels, 16), enough in
+// flight for the FMA latency; one row (a matrix-vector product) reads 8.
+// Against 8-row tiles of 2 panels, and 4 panels only up to 3 rows, that ran
+// LSTM and GRU loops 1.05-1.17x faster at B = 4, 10, 12, 17 and 20 (the
+// same at multiples of 8).
 template <Units U>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
             const float* w2, long S, long N, const float* b, long ldb, const float* q,
             const float* rs, float* z, long ldz, long lda1) {
-  const long wide = B == 1 ? 8 : B <= 3 ? 4 : 2;  // panels at a time
+  if (B <= 0) return;
+  const long tiles = (B + kRows - 1) / kRows, most = (B + tiles - 1) / tiles;
+  const long wide = B == 1 ? 8 : most <= 6 ? 4 : 2;  // panels at a time
   for (long n0 = 0; n0 < N;) {
     long v = wide;
     while (n0 + 16 * v > N) v /= 2;
     const long panel = n0 / 16 * S;
-    for (long r0 = 0; r0 < B; r0 += kRows) {
-      const long m = std::min(kRows, B - r0);
+    for (long i = 0; i < tiles; ++i) {
+      const long r0 = i * B / tiles, m = (i + 1) * B / tiles - r0;
       const Tile tile = (v == 8   ? kTiles<U, 8>
                          : v == 4 ? kTiles<U, 4>
                          : v == 2 ? kTiles<U, 2>
