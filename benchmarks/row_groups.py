@@ -8,8 +8,8 @@ threads in one of two ways. By units (:func:`seqjax.native.partitions`):
 each thread owns some hidden units' gate columns, and the threads meet every
 step to exchange h. By rows: each thread runs every step of its own rows of
 the batch and meets no other, but reads all the weights every step.
-:func:`seqjax.native.row_groups` picks rows when each thread gets at least 8
-rows (a full matmul tile) and the weights stay in its caches. This script
+:func:`seqjax.native.row_groups` picks rows when each thread gets at least 5
+rows and the weights stay in its caches. This script
 times ``seqjax.scan``'s training step and inference (as ``peers.py`` does)
 with each split forced, in interleaved rounds, over batch sizes and widths
 on both sides of that rule. Each row has both splits' tokens/s, the paired
@@ -28,10 +28,11 @@ import peers
 from seqjax import native
 
 # (B, D = H, T): (c), (a) and (b) of the speed issue; H = 32 and 48 (one
-# partition: split by units, one thread); B = 8 (4 rows a thread); H = 512
+# partition: split by units, one thread); B = 8, 10, 12 (4-6 rows a thread); H = 512
 # and 1024 at B = 16 (weights beyond the rule's bound).
 SIZES = [(16, 128, 1024), (32, 256, 128), (64, 512, 256), (16, 32, 1024), (64, 48, 512),
-         (16, 64, 1024), (8, 128, 1024), (16, 256, 512), (16, 512, 256), (16, 1024, 64)]
+         (16, 64, 1024), (8, 128, 1024), (10, 128, 1024), (12, 256, 512), (16, 256, 512),
+         (16, 512, 256), (16, 1024, 64)]
 QUICK_SIZES = [(16, 32, 16), (4, 32, 16)]
 SPLITS = ("units", "rows")
 GATES = {"lstm": 4, "gru": 3}

@@ -4,7 +4,7 @@ XLA:CPU runs each per-step matmul of a ``lax.scan`` recurrence on one core, so
 on a multi-core CPU the recurrence leaves the other cores idle. ``rnn.cc``
 splits the hidden units across the cores, each thread owning the gate columns
 of its units, and the threads meet once a step to exchange h; or, where each
-thread gets 8 rows or more and the weights are small (:func:`row_groups`),
+thread gets 5 rows or more and the weights are small (:func:`row_groups`),
 it splits the batch's rows, each thread running its rows' steps alone
 (benchmarks/README.md has the measurements). :mod:`seqjax.fused` calls them
 in float32 on CPU: each cell's forward loop, saving what its backward pass
@@ -62,7 +62,7 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
             "seqjax_gru_sample": "SeqjaxGruSample"}
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
-_GROUP_ROWS = 8  # a row group's fewest rows: the kernels' matmul tile is 8 rows
+_GROUP_ROWS = 5  # a row group's fewest rows (4 a thread ran slower than the units' split)
 _GROUP_WEIGHTS = 2 ** 20  # floats (4 MiB): the most a row group's thread reads every step
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
 # floats of D = H = 512), which a short call does not repay. Measured with the
@@ -201,13 +201,10 @@ def row_groups(batch: int, weights: int, cores: int | None = None) -> int:
   Split by units (:func:`partitions`), the threads meet every step to
   exchange h. Split by rows, each thread runs every step of its rows alone
   (a row's step reads only its own carry) and reads all the loop's
-  ``weights`` (floats) each step. Rows when each thread gets a full matmul
-  tile of rows (8) and the weights stay in its caches (at most 2^20 floats).
-  Both give the same values bit for bit. ``benchmarks/row_groups.py``
-  measures the two (2 cores, rows against units): 1.5-2.0x at H = 32 and
-  48 (one partition: split by units, one thread), 1.00-1.15x at H = 64-512
-  with 8 or more rows a thread; 0.77-0.88x with 4 rows a thread (B = 8),
-  0.81-0.95x with 32 MiB of weights (H = 1024).
+  ``weights`` (floats) each step. Rows when each thread gets 5 rows or more
+  and the weights stay in its caches (at most 2^20 floats). Both give the
+  same values bit for bit. ``benchmarks/row_groups.py`` measures the two (2
+  cores, rows against units; benchmarks/README.md has the table).
   """
   groups = min(cores or threads(), batch // _GROUP_ROWS)
   return groups if groups > 1 and weights <= _GROUP_WEIGHTS else 1

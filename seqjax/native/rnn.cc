@@ -607,7 +607,7 @@ Flags flags(ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& resets, long T, l
 // in turn, all on one thread, and meets no other after the packing: a row's
 // step reads only that row's carry. Each thread then reads every partition's
 // weights each step, which pays while they stay in its caches and each group
-// has a full register tile of rows (Python's row_groups() chooses G so).
+// has 5 rows or more (Python's row_groups() chooses G so).
 //
 // Phase items (partitions, or groups) are shared among the pool's threads,
 // each first taking its own (rank, rank + ranks, ...), so a partition's
