@@ -634,13 +634,7 @@ void run_steps(long T, long P, long G, long B, const Pack& pack, const Step& ste
   const long ranks = lock.owns_lock() ? std::min<long>(G > 1 ? G : P, 1024) : 1;
   if (ranks == 1) {
     for (long p = 0; p < P; ++p) pack(p);
-    if (G > 1) {
-      for (long g = 0; g < G; ++g) group(g);
-    } else {
-      for (long t = 0; t < T; ++t) {
-        for (long p = 0; p < P; ++p) step(t, p, 0, B);
-      }
-    }
+    for (long g = 0; g < G; ++g) group(g);  // G = 1: every step, rows 0 to B
     return;
   }
   // Phase 0's items are the P packs; each later phase has `items`: P
