@@ -21,6 +21,8 @@ the rule gets wrong.
 
 from __future__ import annotations
 
+import argparse
+
 import common
 import jax
 import peers
@@ -86,12 +88,24 @@ def markdown(results) -> str:
   return "\n".join(lines)
 
 
+def _size(text: str) -> tuple[int, int, int]:
+  """``"B,H,T"`` as ``(B, H, T)``: a size of ``--sizes``."""
+  try:
+    b, h, t = (int(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"a size is three integers B,H,T (batch, D = H, steps), "
+                                     f"got {text!r}") from None
+  return b, h, t
+
+
 def main(argv=None):
   reuse = native.reuse_freed_memory()  # first: before XLA's threads start
   parser = common.arguments(__doc__.splitlines()[0], "row_groups")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3)
   parser.add_argument("--cells", nargs="+", choices=sorted(GATES), default=["lstm", "gru"])
+  parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="B,H,T",
+                      help="batch, D = H and T of each size to time (default: the full list)")
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
@@ -101,7 +115,7 @@ def main(argv=None):
     raise SystemExit(f"row_groups.py times the native CPU kernels, and they cannot run here "
                      f"(seqjax.native.status(): {native.status()!r}, backend "
                      f"{jax.default_backend()!r})")
-  sizes = QUICK_SIZES if args.quick else SIZES
+  sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   results = []
   for cell_name in args.cells:

@@ -361,8 +361,9 @@ def test_short_calls(tmp_path):
 
 @pytest.mark.skipif(native.status() != "ready", reason="row_groups.py times the native kernels")
 def test_row_groups(tmp_path):
-  payload, out = _run("row_groups", tmp_path)
+  payload, out = _run("row_groups", tmp_path, "--sizes", "16,32,16", "10,32,16")
   rows, config = payload["results"], payload["config"]
+  assert config["sizes"] == [[16, 32, 16], [10, 32, 16]]
   assert {(r["cell"], r["B"], r["H"], r["mode"]) for r in rows} == {
       (c, b, h, m) for c in ("lstm", "gru") for b, h, _ in config["sizes"]
       for m in ("train", "infer")}

@@ -132,8 +132,8 @@ def test_the_workers_go_by_a_name_of_their_own(monkeypatch):
 
 def test_row_groups_need_5_rows_a_thread_and_weights_that_stay_in_cache():
   assert native.row_groups(16, 256 * 512, cores=2) == 2  # (c): 8 rows a thread
-  assert native.row_groups(64, 2 ** 20, cores=2) == 2
-  assert native.row_groups(64, 2 ** 20 + 1, cores=2) == 1  # (b)'s 2^21: too many weights
+  assert native.row_groups(64, 2 ** 21, cores=2) == 2  # (b): D = H = 512, the LSTM's 2^21
+  assert native.row_groups(64, 2 ** 21 + 1, cores=2) == 1  # too many weights
   assert native.row_groups(10, 1024, cores=2) == 2
   assert native.row_groups(9, 1024, cores=2) == 1  # 4 rows for one of the threads
   assert native.row_groups(40, 1024, cores=4) == 4 and native.row_groups(40, 1024, cores=16) == 8

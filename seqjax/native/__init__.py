@@ -63,7 +63,10 @@ _TARGETS = {"seqjax_lstm_forward": "SeqjaxLstmForward",
 _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of it
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 _GROUP_ROWS = 5  # a row group's fewest rows (4 a thread ran slower than the units' split)
-_GROUP_WEIGHTS = 2 ** 20  # floats (4 MiB): the most a row group's thread reads every step
+# floats (8 MiB): the most a row group's thread reads every step. At D = H =
+# 512 (2^21 floats for the LSTM) rows ran 1.00-1.07x the units' split in three
+# runs of benchmarks/row_groups.py; at H = 1024 (2^23) they ran 0.83-0.97x.
+_GROUP_WEIGHTS = 2 ** 21
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
 # floats of D = H = 512), which a short call does not repay. Measured with the
 # calls in a loop (benchmarks/short_calls.py, 2 cores): one step per call, as
@@ -202,7 +205,7 @@ def row_groups(batch: int, weights: int, cores: int | None = None) -> int:
   exchange h. Split by rows, each thread runs every step of its rows alone
   (a row's step reads only its own carry) and reads all the loop's
   ``weights`` (floats) each step. Rows when each thread gets 5 rows or more
-  and the weights stay in its caches (at most 2^20 floats). Both give the
+  and the weights stay in the caches (at most 2^21 floats). Both give the
   same values bit for bit. ``benchmarks/row_groups.py`` measures the two (2
   cores, rows against units; benchmarks/README.md has the table).
   """
