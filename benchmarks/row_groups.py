@@ -1,6 +1,6 @@
-"""The native loops' two thread splits, by hidden units and by batch rows, side by side.
+"""The native loops' and samplers' two thread splits, by hidden units and by batch rows, side by side.
 
-    python benchmarks/row_groups.py --update-readme   # ~5 minutes on 2 CPU cores
+    python benchmarks/row_groups.py --update-readme   # ~8 minutes on 2 CPU cores
     python benchmarks/row_groups.py --quick --out /tmp/row_groups.json
 
 The native LSTM and GRU loops (``seqjax.native``) share a call's work among
@@ -17,6 +17,13 @@ ratio rows / units, and ``rule_picks_rows``: the rule's choice for the
 forward loop and for the reverse loop (whose weights are w_h alone). A row
 where the ratio is below 1 and the rule picks rows (or the reverse) is one
 the rule gets wrong.
+
+The native samplers (:func:`seqjax.native.lstm_sample`,
+:func:`seqjax.native.gru_sample`) split the same two ways and follow the
+same rule; ``sampling.py``'s char-LM-shaped sampler (H = 512, V = 65, 1000
+tokens) is timed with each split forced too, at batch 10 and 64, in float32
+and, where the CPU runs them, bfloat16 and int8 matmuls (mode ``sample``,
+``sample bf16``, ``sample int8``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import common
 import jax
 import peers
+import sampling
 
 from seqjax import native
 
@@ -38,27 +46,29 @@ SIZES = [(16, 128, 1024), (32, 256, 128), (64, 512, 256), (16, 32, 1024), (64, 4
 QUICK_SIZES = [(16, 32, 16), (4, 32, 16)]
 SPLITS = ("units", "rows")
 GATES = {"lstm": 4, "gru": 3}
+# The samplers: (batch, H, tokens), sampling.py's model (V = 65, embedding 64).
+SAMPLE_SIZES = [(10, 512, 1000), (64, 512, 1000)]
+QUICK_SAMPLE_SIZES = [(10, 32, 20)]
+SAMPLE_DTYPES = {"sample": None, "sample bf16": "bfloat16", "sample int8": "int8"}
 
 
-def contender(cell_name, size, mode, split):
-  """peers.py's seqjax contender, traced with the loops' split forced: ``units``
-  (one row group) or ``rows`` (a group per thread, whatever the rule says)."""
-  groups = 1 if split == "units" else min(native.threads(), size["B"])
+def contender(build, split, batch):
+  """``build()``'s jitted run, traced with the split forced: ``units`` (one row
+  group) or ``rows`` (a group per thread, whatever the rule says)."""
+  groups = 1 if split == "units" else min(native.threads(), batch)
   rule = native.row_groups
   native.row_groups = lambda batch, weights, cores=None: groups
   try:
-    run = peers.seqjax_contender(cell_name, size, mode)
+    run = build()
     run()  # traced and compiled here, with this split
   finally:
     native.row_groups = rule
   return run
 
 
-def measure(cell_name, size, mode, rounds, calls) -> dict:
-  runs = {split: contender(cell_name, size, mode, split) for split in SPLITS}
+def _timed(cell_name, mode, size, runs, weights, rounds, calls) -> dict:
+  """Both splits' tokens/s in interleaved rounds, their paired ratio, and the rule's picks."""
   per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
-  columns = GATES[cell_name] * size["H"]
-  weights = {"forward": (size["D"] + size["H"]) * columns, "reverse": size["H"] * columns}
   return dict(cell=cell_name, mode=mode, **size, weights=weights,
               rule_picks_rows={loop: native.row_groups(size["B"], w) > 1
                                for loop, w in weights.items()},
@@ -67,17 +77,48 @@ def measure(cell_name, size, mode, rounds, calls) -> dict:
                                                                  per_round["units"])]))
 
 
+def measure(cell_name, size, mode, rounds, calls) -> dict:
+  build = lambda: peers.seqjax_contender(cell_name, size, mode)
+  runs = {split: contender(build, split, size["B"]) for split in SPLITS}
+  columns = GATES[cell_name] * size["H"]
+  weights = {"forward": (size["D"] + size["H"]) * columns, "reverse": size["H"] * columns}
+  return _timed(cell_name, mode, size, runs, weights, rounds, calls)
+
+
+def measure_sampler(cell_name, batch, hidden, length, mode, rounds) -> dict:
+  """sampling.py's native sampler of ``mode``'s matmul dtype, each split forced.
+  Both splits draw the same tokens (checked), as the tests hold them to."""
+  cell = sampling.CELLS[cell_name][0](hidden, matmul_dtype=SAMPLE_DTYPES[mode])
+  _, params = sampling.make_model(hidden, sampling.VOCAB, sampling.EMBED, cell_name)
+  key = jax.random.key(1)
+  tokens = {}
+
+  def build(split):
+    fn = sampling.sampler(cell, "native", length, batch)
+    def run():
+      tokens[split] = jax.block_until_ready(fn(params, key))
+    return run
+  runs = {split: contender(lambda split=split: build(split), split, batch) for split in SPLITS}
+  if not (tokens["units"] == tokens["rows"]).all():
+    raise SystemExit(f"row_groups.py: the {cell_name} {mode} sampler drew other tokens split "
+                     "by rows than by units")
+  weights = {"sampler": GATES[cell_name] * hidden * hidden + hidden * sampling.VOCAB}
+  size = dict(B=batch, T=length, D=hidden, H=hidden)
+  return _timed(cell_name, mode, size, runs, weights, rounds, 1)
+
+
 def _picks(row) -> str:
   """The rule's split for the row's loops: the forward loop's, and in training
   the reverse loop's (its weights are w_h alone)."""
-  loops = ("forward", "reverse") if row["mode"] == "train" else ("forward",)
+  loops = [loop for loop in ("forward", "reverse", "sampler") if loop in row["rule_picks_rows"]]
+  loops = loops if row["mode"] == "train" else loops[:1]
   return ", ".join("rows" if row["rule_picks_rows"][loop] else "units" for loop in loops)
 
 
 def markdown(results) -> str:
   """The README table: both splits' tokens/s, the paired ratio and the rule's pick."""
   lines = ["| cell | B | D = H | T | mode | units tok/s | rows tok/s | rows / units (range) "
-           "| the rule picks (forward, reverse loop) |", "|" + "---|" * 9]
+           "| the rule picks (forward, reverse loop; sampler) |", "|" + "---|" * 9]
   for r in results:
     tps = {k: f"{v['median'] / 1e3:.1f}k" for k, v in r["tokens_per_s"].items()}
     ratio = r["rows_vs_units"]
@@ -86,6 +127,15 @@ def markdown(results) -> str:
                  f"({ratio['min']:.2f}–{ratio['max']:.2f}) "
                  f"| {_picks(r)} |")
   return "\n".join(lines)
+
+
+def _print(row) -> None:
+  ratio = row["rows_vs_units"]
+  print(f"{row['cell']} B={row['B']} H={row['H']} T={row['T']} {row['mode']}: units "
+        f"{row['tokens_per_s']['units']['median'] / 1e3:.1f}k, rows "
+        f"{row['tokens_per_s']['rows']['median'] / 1e3:.1f}k tokens/s, rows/units "
+        f"{ratio['median']:.2f} ({ratio['min']:.2f}–{ratio['max']:.2f}); the rule picks "
+        f"{_picks(row)}", flush=True)
 
 
 def _size(text: str) -> tuple[int, int, int]:
@@ -106,6 +156,8 @@ def main(argv=None):
   parser.add_argument("--cells", nargs="+", choices=sorted(GATES), default=["lstm", "gru"])
   parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="B,H,T",
                       help="batch, D = H and T of each size to time (default: the full list)")
+  parser.add_argument("--no-samplers", dest="samplers", action="store_false",
+                      help="time the loops only, not the samplers")
   common.table_arguments(parser)
   args = parser.parse_args(argv)
   if args.table_from:
@@ -116,22 +168,29 @@ def main(argv=None):
                      f"(seqjax.native.status(): {native.status()!r}, backend "
                      f"{jax.default_backend()!r})")
   sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+  sample_sizes = QUICK_SAMPLE_SIZES if args.quick else SAMPLE_SIZES
+  sample_modes = [m for m, dtype in SAMPLE_DTYPES.items()
+                  if dtype is None or (native._bf16(dtype) if dtype == "bfloat16"
+                                       else native._int8(dtype))]
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
+  write = lambda results: common.write(args.out, "row_groups", dict(
+      sizes=sizes, sample_sizes=sample_sizes if args.samplers else [], sample_modes=sample_modes,
+      rounds=rounds, calls=calls, threads=native.threads(), reuse_freed_memory=reuse), results)
   results = []
   for cell_name in args.cells:
     for b, h, t in sizes:
       for mode in peers.MODES:
         row = measure(cell_name, dict(B=b, T=t, D=h, H=h), mode, rounds, calls)
         results.append(row)
-        ratio = row["rows_vs_units"]
-        print(f"{cell_name} B={b} H={h} T={t} {mode}: units "
-              f"{row['tokens_per_s']['units']['median'] / 1e3:.1f}k, rows "
-              f"{row['tokens_per_s']['rows']['median'] / 1e3:.1f}k tokens/s, rows/units "
-              f"{ratio['median']:.2f} ({ratio['min']:.2f}–{ratio['max']:.2f}); the rule picks "
-              f"{_picks(row)}", flush=True)
-        common.write(args.out, "row_groups", dict(sizes=sizes, rounds=rounds, calls=calls,
-                                                  threads=native.threads(),
-                                                  reuse_freed_memory=reuse), results)
+        _print(row)
+        write(results)
+  for cell_name in args.cells if args.samplers else ():
+    for b, h, t in sample_sizes:
+      for mode in sample_modes:
+        row = measure_sampler(cell_name, b, h, t, mode, rounds)
+        results.append(row)
+        _print(row)
+        write(results)
   print(common.readme_table("row_groups", markdown, results, update=args.update_readme))
 
 

@@ -364,16 +364,22 @@ def test_row_groups(tmp_path):
   payload, out = _run("row_groups", tmp_path, "--sizes", "16,32,16", "10,32,16")
   rows, config = payload["results"], payload["config"]
   assert config["sizes"] == [[16, 32, 16], [10, 32, 16]]
+  assert config["sample_sizes"] and "sample" in config["sample_modes"]
   assert {(r["cell"], r["B"], r["H"], r["mode"]) for r in rows} == {
       (c, b, h, m) for c in ("lstm", "gru") for b, h, _ in config["sizes"]
-      for m in ("train", "infer")}
+      for m in ("train", "infer")} | {
+      (c, b, h, m) for c in ("lstm", "gru") for b, h, _ in config["sample_sizes"]
+      for m in config["sample_modes"]}
   for r in rows:
     for split in ("units", "rows"):
       _spread(r["tokens_per_s"][split])
     _spread(r["rows_vs_units"])
     gates = 4 if r["cell"] == "lstm" else 3
-    assert r["weights"] == {"forward": (r["D"] + r["H"]) * gates * r["H"],
-                            "reverse": r["H"] * gates * r["H"]}
+    if r["mode"].startswith("sample"):  # w_h and the read-out (65 symbols)
+      assert r["weights"] == {"sampler": gates * r["H"] ** 2 + r["H"] * 65}
+    else:
+      assert r["weights"] == {"forward": (r["D"] + r["H"]) * gates * r["H"],
+                              "reverse": r["H"] * gates * r["H"]}
     assert r["rule_picks_rows"] == {loop: native.row_groups(r["B"], w, config["threads"]) > 1
                                     for loop, w in r["weights"].items()}
   assert "| rows / units (range) |" in out

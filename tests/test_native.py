@@ -1032,6 +1032,51 @@ def test_the_sampling_kernel_gives_the_same_values_on_one_thread(monkeypatch, ma
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("matmul_dtype,layers,b,groups", [
+    (None, 2, 17, 2),  # groups of 8 and 9 rows (a partial tile)
+    pytest.param("bfloat16", 3, 17, 3, marks=needs_bf16),  # more groups than cores
+    pytest.param("int8", 2, 12, 2, marks=needs_vnni),
+])
+def test_the_sampling_kernel_split_by_rows_gives_the_units_split_values_bit_for_bit(
+    monkeypatch, matmul_dtype, layers, b, groups, kind):
+  """Split by rows, each thread draws, sums and reads out its own rows through
+  every layer: the same tokens, logits and carries as split by units, bit for
+  bit (a row's sums run in the same order either way)."""
+  cell, params, embed, head = _sampling_model(64, 30, layers, matmul_dtype, kind=kind)
+  carry = [cell.initial_carry((b,))] * layers
+  logits = jax.random.normal(jax.random.key(1), (b, 30), jnp.float32)
+  noise = decoding.gumbel_noise(jax.random.key(0), (b, 30), 25, temperature=0.8)
+  sample = lambda *a: SAMPLERS[kind][1](*a, temperature=0.8, matmul_dtype=matmul_dtype)
+  table = cell.project(params[0], embed)
+
+  def split(groups):
+    monkeypatch.setattr(native, "row_groups", lambda batch, weights, cores=None: groups)
+    run = jax.jit(lambda *a: sample(*a))  # a new function: traced anew for each split
+    assert f"row_groups = {groups} : i64" in run.lower(table, params, head, carry, logits,
+                                                        noise).as_text()
+    return run(table, params, head, carry, logits, noise)
+
+  want, got = split(1), split(groups)
+  assert len(np.unique(np.asarray(want[2]))) > 2  # the draws vary
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_the_samplers_split_by_rows_at_batch_64():
+  """The rule as the samplers apply it: a char-LM-shaped sampler (H = 512, V = 65)
+  splits by rows at batch 64 and by units at batch 1."""
+  cell, params, embed, head = _sampling_model(512, 65, 1)
+  table = cell.project(params[0], embed)
+  rows = min(native.threads(), 64 // native._GROUP_ROWS)
+  for b, groups in ((64, rows if rows > 1 else 1), (1, 1)):
+    carry = [cell.initial_carry((b,))]
+    noise = jnp.zeros((8, b, 65), jnp.float32)
+    text = jax.jit(native.lstm_sample).lower(table, params, head, carry,
+                                             jnp.zeros((b, 65), jnp.float32), noise).as_text()
+    assert f"row_groups = {groups} : i64" in text, b
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_the_sampling_kernel_refuses_arrays_that_do_not_agree(kind):
   cell, params, embed, head = _sampling_model(32, 11, 1, kind=kind)
   sample = SAMPLERS[kind][1]

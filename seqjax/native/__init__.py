@@ -199,7 +199,7 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
 
 
 def row_groups(batch: int, weights: int, cores: int | None = None) -> int:
-  """How many threads split a loop's ``batch`` rows instead of its hidden units, or 1.
+  """How many threads split a loop's or sampler's ``batch`` rows, not its hidden units, or 1.
 
   Split by units (:func:`partitions`), the threads meet every step to
   exchange h. Split by rows, each thread runs every step of its rows alone
@@ -591,9 +591,13 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
                      "and this one has none")
   shapes = [jax.ShapeDtypeStruct((batch, time), jnp.int32), logits.shape]
   shapes += [(batch, hidden)] * (carries * (len(args) // 5))
+  # What a row group's thread reads every step: each layer's w_h, w_x past
+  # layer 0 (the table's row stands for layer 0's), and the read-out.
+  weights = sum(a.size for a in args[1::5]) + sum(a.size for a in args[5::5]) + head[0].size
   tokens, logits, *states = _call(
       target, shapes, partitions(hidden), None if int8 else matmul_dtype, table, head[0], head[1],
-      logits, noise, *args, temperature=np.float32(temperature), int8=int8)
+      logits, noise, *args, temperature=np.float32(temperature), int8=int8,
+      row_groups=np.int64(row_groups(batch, weights)))
   return tokens, logits, states
 
 

@@ -1425,13 +1425,15 @@ ffi::Error OuterSumImpl(ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> tiled_buf
 // a barrier: the layers in order (layer 0 draws the step's token first, each
 // partition from the same logits and noise, so no phase is spent sharing
 // tokens), then the read-out, its 16-column panels shared among the
-// partitions.
+// partitions. With row groups (run_steps) each thread runs every phase of
+// its own rows instead, every partition's share in turn, and meets no other:
+// a row's draws, sums and gates read only that row's logits and carries.
 ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>& w_o,
                   ffi::Buffer<ffi::F32>& b_o, ffi::Buffer<ffi::F32>& logits0,
                   ffi::Buffer<ffi::F32>& noise, ffi::RemainingArgs& layer_args,
                   ffi::ResultBuffer<ffi::S32>& tokens_out, ffi::ResultBuffer<ffi::F32>& logits_out,
                   ffi::RemainingRets& carry_out, int64_t partitions, bool bf16, float temperature,
-                  bool int8) {
+                  bool int8, int64_t row_groups) {
   const char* kernel = gru ? "gru_sample" : "lstm_sample";
   const std::string name = std::string("seqjax ") + kernel;
   const long G = gru ? 3 : 4, carries = gru ? 1 : 2;  // gates; carry results per layer
@@ -1522,7 +1524,7 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
   float* Bo = Wo + panels * 16 * H;
   auto share = [&](long n, long p) { return n * p / P; };  // p's read-out panels start here
   std::vector<float> logits(B * V16), zbuf(P * (gru ? 2 : 1) * B * N);
-  std::vector<float> pairs(bf16 || int8 ? P * B * 2 * Hu : 0);
+  std::vector<float> pairs(P * B * 2 * Hu);  // bf16, int8: the operands (rows r at r Hu)
   std::vector<float> row_scales(int8 ? P * B : 0);  // int8: each operand row's s_a
   std::vector<int32_t> drawn(P * B);  // each partition's copy of the step's tokens
   for (long r = 0; r < B; ++r) {
@@ -1564,8 +1566,8 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
 
   // Each row's token: the first largest logit / temperature + noise (NaN
   // counting as largest, as jnp.argmax has it).
-  auto draw = [&](long t, int32_t* tokens) {
-    for (long r = 0; r < B; ++r) {
+  auto draw = [&](long t, long r0, long r1, int32_t* tokens) {
+    for (long r = r0; r < r1; ++r) {
       const float* lr = logits.data() + r * V16;
       const float* nr = NOISE + (t * B + r) * V;
       long best = 0;
@@ -1578,21 +1580,21 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
     }
   };
 
-  run_steps(T * (L + 1), P, pack, [&](long phase_step, long p) {
-    const long t = phase_step / (L + 1), l = phase_step % (L + 1);
+  run_steps(T * (L + 1), P, row_groups, B, pack, [&](long phase_step, long p, long r0, long r1) {
+    const long t = phase_step / (L + 1), l = phase_step % (L + 1), rows = r1 - r0;
     const float* own = packed.data() + p * block;
-    if (l == L) {  // the read-out: this partition's panels of the logits
-      const float* h = hbuf.data() + (L - 1) * 2 * B * H + ((t + 1) & 1) * B * H;
+    if (l == L) {  // the read-out: this partition's panels of the rows' logits
+      const float* h = hbuf.data() + (L - 1) * 2 * B * H + ((t + 1) & 1) * B * H + r0 * H;
       const long first = share(panels, p), count = share(panels, p + 1) - first;
       if (count) {
-        matmul(false, B, h, H, Wo + first * 16 * H, nullptr, 0, nullptr, 16 * H, 16 * count,
-               Bo + 16 * first, logits.data() + 16 * first, V16);
+        matmul(false, rows, h, H, Wo + first * 16 * H, nullptr, 0, nullptr, 16 * H, 16 * count,
+               Bo + 16 * first, logits.data() + r0 * V16 + 16 * first, V16);
       }
       return;
     }
     // z: the LSTM's gate sums; the GRU's input sums, then (zh) its recurrent ones
     float* z = zbuf.data() + p * (gru ? 2 : 1) * B * N;
-    float* zh = gru ? z + B * N : z;
+    float* zh = gru ? z + B * N : z;  // z, zh, the h's, pairs: row r at the batch's row r
     float* hb = hbuf.data() + l * 2 * B * H;
     const float* hin = hb + (t & 1) * B * H;
     float* hnext = hb + ((t + 1) & 1) * B * H;
@@ -1603,23 +1605,24 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
     const float* bias = w + weights;  // layer 0: none, the table's row is the input's sum
     const float* bh = w + weights + N;  // the GRU's
     const float* q = w + weights + biases * N;  // int8: w_h's s_w, then w_x's
-    // out = b + a [B, H] w_l (panels Hu deep at w_l; int8: s_w at q_l), b's
-    // rows ldb apart (0: one row).
+    // out = b + a [B, H] w_l (panels Hu deep at w_l; int8: s_w at q_l) for
+    // rows r0 to r1 of a, b and out; b's rows ldb apart (0: one row for all).
     auto layer_matmul = [&](const float* a, const float* w_l, const float* q_l, const float* b,
                             long ldb, float* out) {
+      a += r0 * H, b += r0 * ldb, out += r0 * N;
       if (int8) {
-        const float* a_q = as_quads(B, a, H, pair, rs);
-        matmul<kInt8>(B, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs, out, N,
-                      Hu);
+        const float* a_q = as_quads(rows, a, H, pair + r0 * Hu, rs + r0);
+        matmul<kInt8>(rows, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs + r0,
+                      out, N, Hu);
       } else {
-        matmul(bf16, B, operand(bf16, B, a, H, pair), Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b,
-               out, N, ldb);
+        matmul(bf16, rows, operand(bf16, rows, a, H, pair + r0 * Hu), Hu, w_l, nullptr, 0,
+               nullptr, 16 * Hu, N, b, out, N, ldb);
       }
     };
     if (l == 0) {  // draw the token; its row of the table starts the input's sums
       int32_t* tokens = drawn.data() + p * B;
-      draw(t, tokens);
-      for (long r = 0; r < B; ++r) {
+      draw(t, r0, r1, tokens);
+      for (long r = r0; r < r1; ++r) {
         std::memcpy(z + r * N, own + at[L] + tokens[r] * N, N * sizeof(float));
         if (p == 0) TOKENS[r * T + t] = tokens[r];
       }
@@ -1634,13 +1637,13 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
         layer_matmul(below, w, q + 2 * N, bias, 0, z);
         layer_matmul(hin, w + Hu * N, q, gru ? bh : z, gru ? 0 : N, zh);
       } else {
-        const float* x = operand(bf16, B, below, H, pair);
-        const float* h_in = operand(bf16, B, hin, H, pair + B * Hu);
-        matmul(bf16, B, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, bias, z);
+        const float* x = operand(bf16, rows, below + r0 * H, H, pair + r0 * Hu);
+        const float* h_in = operand(bf16, rows, hin + r0 * H, H, pair + (B + r0) * Hu);
+        matmul(bf16, rows, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, bias, z + r0 * N);
       }
     }
     float* C = layers[l].c;
-    for (long r = 0; r < B; ++r) {
+    for (long r = r0; r < r1; ++r) {
       const float* zr = z + r * N;
       const float* hr = zh + r * N;
       const long off = r * H + p * Hp;
@@ -1678,9 +1681,9 @@ ffi::Error SampleImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> w_o,
                       ffi::Buffer<ffi::F32> noise, ffi::RemainingArgs layer_args,
                       ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> logits,
                       ffi::RemainingRets carry, int64_t partitions, bool bf16, float temperature,
-                      bool int8) {
+                      bool int8, int64_t row_groups) {
   return Sample(kGru, table, w_o, b_o, logits0, noise, layer_args, tokens, logits, carry,
-                partitions, bf16, temperature, int8);
+                partitions, bf16, temperature, int8, row_groups);
 }
 
 // The plain and the saving forward loops' shared arguments and first
@@ -1804,7 +1807,8 @@ auto SampleBinding() {
                         .Ret<ffi::Buffer<ffi::F32>>()  // logits
                         .RemainingRets())  // the layers' carries
       .Attr<float>("temperature")
-      .Attr<bool>("int8");
+      .Attr<bool>("int8")
+      .Attr<int64_t>("row_groups");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxLstmSample, SampleImpl<false>, SampleBinding());
