@@ -64,8 +64,9 @@ _LANES = 16  # float32 lanes of an AVX-512 register: partitions are multiples of
 _MIN_UNITS = 32  # hidden units per partition below which more threads stop paying
 _GROUP_ROWS = 5  # a row group's fewest rows (4 a thread ran slower than the units' split)
 # floats (8 MiB): the most a row group's thread reads every step. At D = H =
-# 512 (2^21 floats for the LSTM) rows ran 1.00-1.07x the units' split in three
-# runs of benchmarks/row_groups.py; at H = 1024 (2^23) they ran 0.83-0.97x.
+# 512 (2^21 floats for the LSTM) rows ran 0.98-1.13x the units' split (the
+# medians of four runs of benchmarks/row_groups.py, all but two at 1.00 or
+# more); at H = 1024 (2^23) 0.79-1.00x.
 _GROUP_WEIGHTS = 2 ** 21
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
 # floats of D = H = 512), which a short call does not repay. Measured with the
