@@ -65,8 +65,8 @@ _MIN_UNITS = 32  # hidden units per partition below which more threads stop payi
 _GROUP_ROWS = 5  # a row group's fewest rows (4 a thread ran slower than the units' split)
 # floats (8 MiB): the most a row group's thread reads every step. At D = H =
 # 512 (2^21 floats for the LSTM) rows ran 0.98-1.13x the units' split (the
-# medians of four runs of benchmarks/row_groups.py, all but two at 1.00 or
-# more); at H = 1024 (2^23) 0.79-1.00x.
+# medians of benchmarks/row_groups.py's runs, most at 1.00 or more: its
+# README section); at H = 1024 (2^23) 0.79-1.00x.
 _GROUP_WEIGHTS = 2 ** 21
 # A kernel call first packs the weights for its threads (~0.5 ms for the 2M
 # floats of D = H = 512), which a short call does not repay. Measured with the
