@@ -96,10 +96,14 @@ def flops_per_token(cell_name, size, mode):
 
 def _jax_run(forward, params, xs, mode):
   """One blocking call of a JAX contender: jitted ``forward(params, xs)``
-  (``infer``), or an SGD step on mean(ys²) that keeps its parameters (``train``)."""
+  (``infer``), or an SGD step on mean(ys²) that keeps its parameters (``train``).
+  Its ``lower()`` lowers the jitted function for the call's arguments (to
+  check what it runs)."""
   if mode == "infer":
     fn = jax.jit(forward)
-    return lambda: fn(params, xs).block_until_ready()
+    run = lambda: fn(params, xs).block_until_ready()
+    run.lower = lambda: fn.lower(params, xs)
+    return run
 
   @jax.jit
   def step(params, xs):
@@ -109,6 +113,7 @@ def _jax_run(forward, params, xs, mode):
 
   def run():
     state["params"] = jax.block_until_ready(step(state["params"], xs))
+  run.lower = lambda: step.lower(state["params"], xs)
   return run
 
 

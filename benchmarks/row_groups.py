@@ -54,13 +54,18 @@ SAMPLE_DTYPES = {"sample": None, "sample bf16": "bfloat16", "sample int8": "int8
 
 def contender(build, split, batch):
   """``build()``'s jitted run, traced with the split forced: ``units`` (one row
-  group) or ``rows`` (a group per thread, whatever the rule says)."""
+  group) or ``rows`` (a group per thread, whatever the rule says). Its
+  ``lower()`` must show the native kernels with that split: a run that fell
+  back to the XLA path would time no split at all."""
   groups = 1 if split == "units" else min(native.threads(), batch)
   rule = native.row_groups
   native.row_groups = lambda batch, weights, cores=None: groups
   try:
     run = build()
     run()  # traced and compiled here, with this split
+    if f"row_groups = {groups} : i64" not in run.lower().as_text():
+      raise SystemExit(f"row_groups.py: a contender (batch {batch}) did not run the native "
+                       f"kernels split {split} (row_groups = {groups}); see native.usable")
   finally:
     native.row_groups = rule
   return run
@@ -97,6 +102,7 @@ def measure_sampler(cell_name, batch, hidden, length, mode, rounds) -> dict:
     fn = sampling.sampler(cell, "native", length, batch)
     def run():
       tokens[split] = jax.block_until_ready(fn(params, key))
+    run.lower = lambda: fn.lower(params, key)
     return run
   runs = {split: contender(lambda split=split: build(split), split, batch) for split in SPLITS}
   if not (tokens["units"] == tokens["rows"]).all():
