@@ -690,7 +690,7 @@ struct LstmGates {
         c(_mm512_add_ps(_mm512_mul_ps(f, c_prev), _mm512_mul_ps(i, g))) {}
 };
 
-// The hidden units' split alone (G = 1): step(t, p).
+// The hidden units' split alone (G = 1): step(t, p), as the outer sums run.
 template <class Pack, class Step>
 void run_steps(long T, long P, const Pack& pack, const Step& step) {
   run_steps(T, P, 1, 1, pack, [&](long t, long p, long, long) { step(t, p); });
@@ -1524,7 +1524,7 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
   float* Bo = Wo + panels * 16 * H;
   auto share = [&](long n, long p) { return n * p / P; };  // p's read-out panels start here
   std::vector<float> logits(B * V16), zbuf(P * (gru ? 2 : 1) * B * N);
-  std::vector<float> pairs(P * B * 2 * Hu);  // bf16, int8: the operands (rows r at r Hu)
+  std::vector<float> pairs(bf16 || int8 ? P * B * 2 * Hu : 0);  // row r at r Hu, as the loops
   std::vector<float> row_scales(int8 ? P * B : 0);  // int8: each operand row's s_a
   std::vector<int32_t> drawn(P * B);  // each partition's copy of the step's tokens
   for (long r = 0; r < B; ++r) {
