@@ -1,4 +1,4 @@
-"""The native loops' and samplers' two thread splits, by hidden units and by batch rows, side by side.
+"""The native loops' and samplers' two thread splits, by hidden units and by batch rows.
 
     python benchmarks/row_groups.py --update-readme   # ~8 minutes on 2 CPU cores
     python benchmarks/row_groups.py --quick --out /tmp/row_groups.json
