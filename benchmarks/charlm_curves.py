@@ -76,8 +76,7 @@ def plot(results: list, path: Path) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
   print(f"wrote {path}", file=sys.stderr)
 
 
@@ -113,9 +112,7 @@ def main(argv=None):
     print(f"{run['label']}: {finals} nats/char after {run['train_time'] / 60:.1f} min "
           f"({times})")
   common.write(args.out, "charlm_curves", {"targets": TARGETS}, results)
-  plots = args.plots or Path(args.out).parent
-  plots.mkdir(parents=True, exist_ok=True)
-  plot(results, plots / f"{Path(args.out).stem}.png")
+  plot(results, (args.plots or Path(args.out).parent) / f"{Path(args.out).stem}.png")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def environment() -> dict:
       "device": getattr(device, "device_kind", str(device)),
       "device_count": jax.device_count(),
   }
+  if os.environ.get("XLA_FLAGS"):
+    env["xla_flags"] = os.environ["XLA_FLAGS"]
   for name in ("torch", "flax", "keras"):
     module = sys.modules.get(name)
     if module is not None:
@@ -161,6 +163,16 @@ def arguments(description: str, name: str | Callable[[argparse.Namespace], str],
   parser.add_argument("--plots", type=Path, default=None,
                       help="folder for PNG plots (default: next to --out)")
   return parser
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+  """Writes a matplotlib figure to ``path`` (its folder made first: ``--plots``
+  may name one that does not exist yet) and closes it."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415 - after the caller picked a backend
+
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
 
 
 def table_arguments(parser: argparse.ArgumentParser) -> None:

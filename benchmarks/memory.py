@@ -212,8 +212,7 @@ def plot(results, path) -> None:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

@@ -87,8 +87,7 @@ def plot(results, folder, stem="scan_vs_unroll"):
       ax.grid(True, which="both", alpha=0.3)
       ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / name, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, folder / name)
     print(f"wrote {folder / name}")
 
 

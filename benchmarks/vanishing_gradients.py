@@ -107,8 +107,7 @@ def plot(curves, scalar, losses, steps, folder):
     ax.legend()
   axes[0].set_ylabel("gradient norm (batch mean)")
   fig.tight_layout()
-  fig.savefig(folder / "vanishing_gradients.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, folder / "vanishing_gradients.png")
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   ax1.plot(scalar["w"], scalar["h_T"])
@@ -118,8 +117,7 @@ def plot(curves, scalar, losses, steps, folder):
   for ax in (ax1, ax2):
     ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(folder / "scalar_recurrence.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, folder / "scalar_recurrence.png")
   print(f"wrote {folder / 'vanishing_gradients.png'} and {folder / 'scalar_recurrence.png'}")
 
 

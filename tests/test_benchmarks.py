@@ -197,7 +197,7 @@ def test_precision(tmp_path):
 
 
 def test_memory(tmp_path):
-  payload, out = _run("memory", tmp_path)
+  payload, out = _run("memory", tmp_path, "--plots", str(tmp_path / "figures"))
   rows = payload["results"]
   assert {(r["variant"], r["T"]) for r in rows} == {
       (v, t) for v in ("stored", "remat") for t in payload["config"]["steps"]}
@@ -215,7 +215,7 @@ def test_memory(tmp_path):
   assert by["remat", longest]["loss"] == pytest.approx(by["stored", longest]["loss"], rel=1e-5)
   assert (by["remat", longest]["xla_plan_bytes"]["temporaries"]
           < by["stored", longest]["xla_plan_bytes"]["temporaries"])
-  assert (tmp_path / "memory.png").stat().st_size > 1000
+  assert (tmp_path / "figures" / "memory.png").stat().st_size > 1000
   assert "| 256 |" in out  # the README table
   assert {r["backend"] for r in rows} == {"cpu"} and "peak RSS" in out
   assert not any("peak_device_bytes" in r for r in rows)
@@ -314,14 +314,15 @@ def test_loop_unroll(tmp_path):
 def test_scan_vs_unroll_takes_cells_and_names_its_plots_after_its_json(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   out = tmp_path / "scan_vs_unroll_gpu.json"
+  plots = tmp_path / "figures" / "new"  # --plots may name a folder not made yet
   done = subprocess.run([sys.executable, str(BENCH / "scan_vs_unroll.py"), "--quick", "--cells",
-                         "gru", "--out", str(out)], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+                         "gru", "--out", str(out), "--plots", str(plots)], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   payload = json.loads(out.read_text())
   assert {r["cell"] for r in payload["results"]} == {"gru"} and payload["config"]["cells"] == ["gru"]
   for name in ("scan_vs_unroll_gpu_time.png", "scan_vs_unroll_gpu_compile.png"):
-    assert (tmp_path / name).stat().st_size > 1000
+    assert (plots / name).stat().st_size > 1000
 
 
 def test_call_times(tmp_path):
@@ -383,3 +384,11 @@ def test_row_groups(tmp_path):
     assert r["rule_picks_rows"] == {loop: native.row_groups(r["B"], w, config["threads"]) > 1
                                     for loop, w in r["weights"].items()}
   assert "| rows / units (range) |" in out
+
+
+def test_the_environment_records_xla_flags_where_set(monkeypatch):
+  common = _bench_module("common")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert "xla_flags" not in common.environment()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
+  assert common.environment()["xla_flags"] == "--xla_gpu_enable_command_buffer="
