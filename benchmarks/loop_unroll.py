@@ -8,7 +8,8 @@ whose XLA loops (the forward and the backward pass's reverse loop) run
 ``seqjax.fused._UNROLL[backend]`` steps per loop iteration (1 where the
 backend is not named). This script sets that factor to each of ``--unrolls``
 in turn, traces ``peers.py``'s seqjax contender under it (training step and
-inference, at the peers sizes (a) and (c)), and times all of them in
+inference, at the peers sizes (a) and (c), or those of ``--cells``,
+``--modes`` and ``--sizes``), and times all of them in
 interleaved rounds in one process. It reports each factor's median tokens/s
 per group and the geometric mean of its gain over factor 1 across the groups;
 the last line printed is ``BEST <factor>``.
@@ -33,18 +34,19 @@ def main(argv=None):
   parser = common.arguments(__doc__.splitlines()[0], "loop_unroll")
   parser.add_argument("--unrolls", type=int, nargs="+", default=list(UNROLLS),
                       help="the factors to time; gains are relative to the first")
+  peers.group_arguments(parser, default_sizes="a,c")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per round")
   args = parser.parse_args(argv)
-  sizes = peers.QUICK_SIZES if args.quick else {k: peers.SIZES[k] for k in ("a", "c")}
+  cell_names, modes, sizes = peers.groups(parser, args)
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   backend, base = peers.backend(), args.unrolls[0]
   before = fused._UNROLL.get(backend)
   results, gains = [], {u: [] for u in args.unrolls}
   try:
-    for cell in peers.CELLS:
+    for cell in cell_names:
       for size_name, size in sizes.items():
-        for mode in peers.MODES:
+        for mode in modes:
           runs = {}
           for u in args.unrolls:
             fused._UNROLL[backend] = u

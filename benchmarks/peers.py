@@ -319,6 +319,35 @@ def markdown(results) -> str:
   return "\n".join(lines)
 
 
+def group_arguments(parser, default_sizes=None) -> None:
+  """``--cells``, ``--modes`` and ``--sizes``: which groups a run times."""
+  parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated of lstm,gru")
+  parser.add_argument("--modes", default=",".join(MODES), help="comma-separated of train,infer")
+  parser.add_argument("--sizes", default=default_sizes,
+                      help=f"comma-separated of {','.join(SIZES)} (default: "
+                           f"{default_sizes or 'all'})")
+
+
+def groups(parser, args):
+  """The cells, modes and ``{name: size}`` of :func:`group_arguments`' flags
+  (``--quick``: :data:`QUICK_SIZES`, whatever ``--sizes`` says); an unknown
+  name stops the run with one line that lists the known ones."""
+  def pick(flag, text, known):
+    names = text.split(",")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+      parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; expected some of "
+                   f"{','.join(known)}")
+    return names
+  cell_names = pick("--cells", args.cells, CELLS)
+  modes = pick("--modes", args.modes, MODES)
+  if args.quick:
+    return cell_names, modes, QUICK_SIZES
+  if args.sizes is None:
+    return cell_names, modes, SIZES
+  return cell_names, modes, {k: SIZES[k] for k in pick("--sizes", args.sizes, SIZES)}
+
+
 def main(argv=None):
   # Before XLA's threads start (reuse_freed_memory's docstring); every
   # contender runs in this process, so all of them get the reuse.
@@ -327,9 +356,7 @@ def main(argv=None):
   parser.add_argument("--contenders", default=None,
                       help=f"comma-separated of {','.join(CONTENDERS)} (default: all that can "
                            "run here)")
-  parser.add_argument("--cells", default=",".join(CELLS))
-  parser.add_argument("--modes", default=",".join(MODES))
-  parser.add_argument("--sizes", default=None, help="comma-separated of a,b,c")
+  group_arguments(parser)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per round")
   common.table_arguments(parser)
@@ -348,9 +375,7 @@ def main(argv=None):
       reason = unavailable(name)
       if reason:
         parser.error(reason)
-  sizes = QUICK_SIZES if args.quick else SIZES
-  if args.sizes:
-    sizes = {k: SIZES[k] for k in args.sizes.split(",")}
+  cell_names, modes, sizes = groups(parser, args)
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
@@ -358,9 +383,9 @@ def main(argv=None):
                 seqjax_native=native.status(), fused_loop_unroll=fused._unroll(),
                 reuse_freed_memory=reuse)
   results = []
-  for cell_name in args.cells.split(","):
+  for cell_name in cell_names:
     for size_name, size in sizes.items():
-      for mode in args.modes.split(","):
+      for mode in modes:
         rows, ratios = measure(cell_name, size_name, size, mode, contenders, rounds, calls,
                                peak_n)
         results += rows + ratios

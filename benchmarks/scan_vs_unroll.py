@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import seqjax
-from seqjax import cells, native
+from seqjax import cells, fused, native
 
 CELLS = {"elman": cells.Elman, "lstm": cells.LSTM, "gru": cells.GRU}
 LENGTHS = (16, 64, 256, 1024, 4096)
@@ -109,7 +109,8 @@ def main(argv=None):
     lengths, unrolls, batch, hidden, repeats, full_max = (
         tuple(args.lengths), tuple(args.unrolls), 16, 128, args.repeats, args.full_unroll_max_t)
   config = dict(cells=args.cells, lengths=lengths, unrolls=unrolls, B=batch, D=hidden, H=hidden,
-                repeats=repeats, full_unroll_max_t=full_max, reuse_freed_memory=reuse)
+                repeats=repeats, full_unroll_max_t=full_max, reuse_freed_memory=reuse,
+                fused_loop_unroll=fused._unroll())  # the unroll=1 rows' fused loops
   results = []
   for cell_name in args.cells:
     for t in lengths:

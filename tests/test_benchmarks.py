@@ -107,6 +107,7 @@ def test_scan_vs_unroll(tmp_path):
                 "forward_tokens_per_s", "train_tokens_per_s"):
       assert _positive(r[key]), (key, r)
   assert payload["config"]["reuse_freed_memory"] == (platform.libc_ver()[0] == "glibc")
+  assert payload["config"]["fused_loop_unroll"] == 1  # CPU: one step a loop iteration
   for name in ("scan_vs_unroll_time.png", "scan_vs_unroll_compile.png"):
     assert (tmp_path / name).stat().st_size > 1000
 
@@ -309,6 +310,27 @@ def test_loop_unroll(tmp_path):
   gain = rows[-1]["geomean_gain"]
   assert gain["1"] == 1.0 and _positive(gain["3"]) and rows[-1]["relative_to"] == 1
   assert out.strip().splitlines()[-1] in ("BEST 1", "BEST 3")
+
+
+def test_loop_unroll_times_the_groups_its_flags_pick(tmp_path):
+  payload, _ = _run("loop_unroll", tmp_path, "--unrolls", "2", "1", "--cells", "gru",
+                    "--modes", "infer")
+  groups = [r for r in payload["results"] if "cell" in r]
+  assert [(r["cell"], r["mode"]) for r in groups] == [("gru", "infer")]
+  assert payload["results"][-1]["relative_to"] == 2
+
+
+@pytest.mark.parametrize("script", ["peers", "loop_unroll"])
+@pytest.mark.parametrize("flag,value,unknown", [("--cells", "lstm,lsmt", "'lsmt'"),
+                                                ("--modes", "tran", "'tran'"),
+                                                ("--sizes", "b,d", "'d'")])
+def test_an_unknown_group_name_stops_the_run_with_one_line(script, flag, value, unknown,
+                                                           capsys, monkeypatch):
+  monkeypatch.setattr(native, "reuse_freed_memory", lambda: False)  # not this process's malloc
+  with pytest.raises(SystemExit) as stop:
+    _bench_module(script).main([flag, value])
+  assert stop.value.code == 2
+  assert f"error: {flag}: unknown {unknown}; expected some of" in capsys.readouterr().err
 
 
 def test_scan_vs_unroll_takes_cells_and_names_its_plots_after_its_json(tmp_path):
