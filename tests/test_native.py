@@ -737,6 +737,49 @@ def test_late_workers_change_nothing(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got[name], w, err_msg=name)
 
 
+def _clang() -> str | None:
+  """A clang++ on the PATH (plain, or the newest versioned one), or None."""
+  import shutil  # noqa: PLC0415
+  for name in ["clang++"] + [f"clang++-{v}" for v in range(25, 13, -1)]:
+    if shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+@pytest.mark.slow  # ~2.5 minutes: the kernels built with a sanitizer, this file's default tests
+def test_the_kernels_run_this_files_tests_clean_under_clangs_undefined_behaviour_sanitizer(
+    tmp_path):
+  """Every default test of this file, in a fresh process whose kernels clang
+  built with -fsanitize=undefined,pointer-overflow, stopping at the first
+  report: no arithmetic on a null pointer (an empty scratch vector's data()
+  plus an offset, once), no overflow, no misaligned or out-of-range shift.
+  gcc's sanitizer does not report null plus an offset; clang's does."""
+  clang = _clang()
+  if clang is None:
+    pytest.skip("no clang++ on the PATH: apt-get install clang (.ci/run does)")
+  runtime = subprocess.run([clang, "-print-file-name=libclang_rt.ubsan_standalone-x86_64.so"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+  if not os.path.isabs(runtime):
+    pytest.skip(f"{clang} has no UBSan runtime (libclang-rt-*-dev): {runtime}")
+  compiler = tmp_path / "clang-ubsan"
+  compiler.write_text(
+      "#!/bin/sh\n"
+      f'exec {clang} -fsanitize=undefined,pointer-overflow -fno-sanitize=vptr,function '
+      f'-fno-sanitize-recover=all -shared-libsan -g -Wl,-rpath,{os.path.dirname(runtime)} "$@"\n')
+  compiler.chmod(0o755)
+  reports = tmp_path / "ubsan"
+  env = dict(os.environ, CXX=str(compiler), SEQJAX_CACHE_DIR=str(tmp_path / "cache"),
+             UBSAN_OPTIONS=f"print_stacktrace=1:log_path={reports}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-x",
+                        "-p", "no:cacheprovider", os.path.abspath(__file__)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=1500, check=False)
+  found = sorted(tmp_path.glob("ubsan*"))
+  assert not found, found[0].read_text()[:3000]
+  assert run.returncode == 0, run.stdout[-3000:]
+  assert list((tmp_path / "cache").glob("rnn-*.so")), "the kernels were not built with clang"
+
+
 @pytest.mark.slow  # ~16 s: a fresh process importing jax and running the kernels
 def test_a_fresh_process_starts_its_workers_and_finishes():
   """The first split calls start the pool's worker, in a fresh process, and

@@ -295,10 +295,13 @@ const float* as_pairs(long B, const float* a, long K, long lda, float* out) {
 }
 
 // A matmul's left operand, rows a [B, K] (lda apart; 0: K): as it is, or
-// (bf16) rounded to pairs in buffer `pairs` (B units(K) units, rows
-// units(K) apart).
-const float* operand(bool bf16, long B, const float* a, long K, float* pairs, long lda = 0) {
-  return bf16 ? as_pairs(B, a, K, lda ? lda : K, pairs) : a;
+// (bf16) rounded to pairs `at` floats into `pairs` (B units(K) units, rows
+// units(K) apart). Only bfloat16 and int8 calls allocate `pairs`, so the
+// pointer is formed only then (an empty vector's data() may be null, and
+// null plus an offset is undefined).
+const float* operand(bool bf16, long B, const float* a, long K, std::vector<float>& pairs,
+                     long at, long lda = 0) {
+  return bf16 ? as_pairs(B, a, K, lda ? lda : K, pairs.data() + at) : a;
 }
 
 // int8 matmuls (the samplers' matmul_dtype="int8", seqjax.fused.int8_matmul):
@@ -518,19 +521,19 @@ constexpr Tile kTiles[kRows + 1] = {nullptr,         tile<U, 1, V>, tile<U, 2, V
                                     tile<U, 6, V>,   tile<U, 7, V>, tile<U, 8, V>};
 
 // z [B, N] = b + a1 [B, K1] w1 [K1, N] + a2 [B, K2] w2 [K2, N] (K1, K2 in
-// units), w1 and w2 in panels of 16 columns S apart (a panel's rows 16
-// apart); N a multiple of 16, rows of z ldz apart, rows of b ldb apart (0:
-// one bias row; b may be z itself, each tile reading its rows before writing
-// them); q and rs: kInt8's s_w and corrections (32 per panel) and its rows'
-// s_a. Column blocks outside, so each block of w stays in cache across the
-// row tiles. A tile sums k in order whatever its shape, so the shapes are
-// free. The rows go in as few tiles as hold them (up to kRows each), as even
-// as they split (12 rows: 6 + 6, not 8 + 4); tiles of up to 6 rows take 4
-// panels at a time, 16-24 accumulators (8 rows: 2 panels, 16), enough in
+// units; a2 null: no second product), w1 and w2 in panels of 16 columns S apart
+// (a panel's rows 16 apart); N a multiple of 16, rows of z ldz apart, rows of b
+// ldb apart (0: one bias row; b may be z itself, each tile reading its rows
+// before writing them); q and rs: kInt8's s_w and corrections (32 per panel)
+// and its rows' s_a. Column blocks outside, so each block of w stays in cache
+// across the row tiles. A tile sums k in order whatever its shape, so the
+// shapes are free. The rows go in as few tiles as hold them (up to kRows each),
+// as even as they split (12 rows: 6 + 6, not 8 + 4); tiles of up to 6 rows take
+// 4 panels at a time, 16-24 accumulators (8 rows: 2 panels, 16), enough in
 // flight for the FMA latency; one row (a matrix-vector product) reads 8.
 // Against 8-row tiles of 2 panels, and 4 panels only up to 3 rows, that ran
-// LSTM and GRU loops 1.05-1.17x faster at B = 4, 10, 12, 17 and 20 (the
-// same at multiples of 8).
+// LSTM and GRU loops 1.05-1.17x faster at B = 4, 10, 12, 17 and 20 (the same at
+// multiples of 8).
 template <Units U>
 void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, long K2,
             const float* w2, long S, long N, const float* b, long ldb, const float* q,
@@ -548,9 +551,9 @@ void matmul(long B, const float* a1, long K1, const float* w1, const float* a2, 
                          : v == 4 ? kTiles<U, 4>
                          : v == 2 ? kTiles<U, 2>
                                   : kTiles<U, 1>)[m];
-      tile(a1 + r0 * lda1, lda1, K1, w1 + panel, a2 + r0 * K2, K2, w2 + panel, S, ldz,
-           b + r0 * ldb + n0, ldb, q ? q + 2 * n0 : nullptr, rs ? rs + r0 : nullptr,
-           z + r0 * ldz + n0);
+      tile(a1 + r0 * lda1, lda1, K1, w1 + panel, a2 ? a2 + r0 * K2 : nullptr, K2,
+           a2 ? w2 + panel : nullptr, S, ldz, b + r0 * ldb + n0, ldb,
+           q ? q + 2 * n0 : nullptr, rs ? rs + r0 : nullptr, z + r0 * ldz + n0);
     }
     n0 += 16 * v;
   }
@@ -814,9 +817,9 @@ ffi::Error Lstm(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x,
     // bf16: this partition's own copy of the step's operands, rounded ([B,
     // Du] of x, then [B, Hu] of h)
     const long lda = io.stride() * D, rows = r1 - r0;
-    float* rounded = pairs.data() + p * B * K;
-    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, rounded + r0 * Du, lda);
-    const float* h_in = operand(bf16, rows, hin + r0 * H, H, rounded + B * Du + r0 * Hu);
+    const long rounded = p * B * K;
+    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, pairs, rounded + r0 * Du, lda);
+    const float* h_in = operand(bf16, rows, hin + r0 * H, H, pairs, rounded + B * Du + r0 * Hu);
     matmul(bf16, rows, x, Du, wp, h_in, Hu, wp + 16 * Du, 16 * K, N, Bias + p * N, z + r0 * N, 0,
            0, bf16 ? Du : lda);
     const __m512 one = _mm512_set1_ps(1.f);
@@ -958,8 +961,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dc_
   auto carry = [&](long t, long p, long r0, long r1) {
     float* product = products.data() + p * B * Hp;
     const long lda = io.stride() * G, rows = r1 - r0;
-    const float* dz = operand(bf16, rows, DZ + io.row(t, r0) * G, G,
-                              pairs.data() + p * B * Gu + r0 * Gu, lda);
+    const float* dz = operand(bf16, rows, DZ + io.row(t, r0) * G, G, pairs, (p * B + r0) * Gu,
+                              lda);
     matmul(bf16, rows, dz, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product + r0 * Hp, 0, 0, bf16 ? Gu : lda);
     for (long r = r0; r < r1; ++r) {
@@ -1037,9 +1040,9 @@ ffi::Error Gru(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_x, ffi::Buffe
     // bf16: this partition's own copy of the step's operands, rounded ([B,
     // Du] of x, then [B, Hu] of h)
     const long lda = io.stride() * D, rows = r1 - r0;
-    float* rounded = pairs.data() + p * B * (Du + Hu);
-    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, rounded + r0 * Du, lda);
-    const float* h_in = operand(bf16, rows, hin + r0 * H, H, rounded + B * Du + r0 * Hu);
+    const long rounded = p * B * (Du + Hu);
+    const float* x = operand(bf16, rows, X + io.row(t, r0) * D, D, pairs, rounded + r0 * Du, lda);
+    const float* h_in = operand(bf16, rows, hin + r0 * H, H, pairs, rounded + B * Du + r0 * Hu);
     matmul(bf16, rows, x, Du, WX + p * Du * N, nullptr, 0, nullptr, 16 * Du, N, BX + p * N,
            zx + r0 * N, 0, 0, bf16 ? Du : lda);
     matmul(bf16, rows, h_in, Hu, WH + p * Hu * N, nullptr, 0, nullptr, 16 * Hu, N, BH + p * N,
@@ -1174,7 +1177,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
   auto carry = [&](long t, long p, long r0, long r1) {
     float* product = products.data() + p * B * Hp;
     const long rows = r1 - r0;
-    const float* gt = operand(bf16, rows, g.data() + r0 * G, G, pairs.data() + (p * B + r0) * Gu);
+    const float* gt = operand(bf16, rows, g.data() + r0 * G, G, pairs, (p * B + r0) * Gu);
     matmul(bf16, rows, gt, Gu, WT + p * Gu * Hp, nullptr, 0, nullptr, 16 * Gu, Hp, zeros.data(),
            product + r0 * Hp);
     for (long r = r0; r < r1; ++r) {
@@ -1598,7 +1601,7 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
     float* hb = hbuf.data() + l * 2 * B * H;
     const float* hin = hb + (t & 1) * B * H;
     float* hnext = hb + ((t + 1) & 1) * B * H;
-    float* pair = pairs.data() + p * B * 2 * Hu;
+    const long pair = p * B * 2 * Hu;  // this thread's rows of pairs (bfloat16, int8)
     float* rs = int8 ? row_scales.data() + p * B : nullptr;
     const float* w = own + at[l];
     const long weights = layer_weights(l);
@@ -1611,11 +1614,11 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
                             long ldb, float* out) {
       a += r0 * H, b += r0 * ldb, out += r0 * N;
       if (int8) {
-        const float* a_q = as_quads(rows, a, H, pair + r0 * Hu, rs + r0);
+        const float* a_q = as_quads(rows, a, H, pairs.data() + pair + r0 * Hu, rs + r0);
         matmul<kInt8>(rows, a_q, Hu, w_l, nullptr, 0, nullptr, 16 * Hu, N, b, ldb, q_l, rs + r0,
                       out, N, Hu);
       } else {
-        matmul(bf16, rows, operand(bf16, rows, a, H, pair + r0 * Hu), Hu, w_l, nullptr, 0,
+        matmul(bf16, rows, operand(bf16, rows, a, H, pairs, pair + r0 * Hu), Hu, w_l, nullptr, 0,
                nullptr, 16 * Hu, N, b, out, N, ldb);
       }
     };
@@ -1637,8 +1640,8 @@ ffi::Error Sample(bool gru, ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::F32>&
         layer_matmul(below, w, q + 2 * N, bias, 0, z);
         layer_matmul(hin, w + Hu * N, q, gru ? bh : z, gru ? 0 : N, zh);
       } else {
-        const float* x = operand(bf16, rows, below + r0 * H, H, pair + r0 * Hu);
-        const float* h_in = operand(bf16, rows, hin + r0 * H, H, pair + (B + r0) * Hu);
+        const float* x = operand(bf16, rows, below + r0 * H, H, pairs, pair + r0 * Hu);
+        const float* h_in = operand(bf16, rows, hin + r0 * H, H, pairs, pair + (B + r0) * Hu);
         matmul(bf16, rows, x, Hu, w, h_in, Hu, w + 16 * Hu, 32 * Hu, N, bias, z + r0 * N);
       }
     }
