@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -739,11 +740,8 @@ def test_late_workers_change_nothing(tmp_path, monkeypatch):
 
 def _clang() -> str | None:
   """A clang++ on the PATH (plain, or the newest versioned one), or None."""
-  import shutil  # noqa: PLC0415
-  for name in ["clang++"] + [f"clang++-{v}" for v in range(25, 13, -1)]:
-    if shutil.which(name):
-      return shutil.which(name)
-  return None
+  names = ["clang++"] + [f"clang++-{v}" for v in range(25, 13, -1)]
+  return next(filter(None, map(shutil.which, names)), None)
 
 
 @pytest.mark.slow  # ~2.5 minutes: the kernels built with a sanitizer, this file's default tests
