@@ -56,10 +56,16 @@ def contender(build, split, batch):
   """``build()``'s jitted run, traced with the split forced: ``units`` (one row
   group) or ``rows`` (a group per thread, whatever the rule says). Its
   ``lower()`` must show the native kernels with that split: a run that fell
-  back to the XLA path would time no split at all."""
+  back to the XLA path would time no split at all. ``run.weights``: the
+  weights (floats) each kernel call asked the rule about, in the order traced
+  (the forward loop, then in training the reverse loop; or the sampler)."""
   groups = 1 if split == "units" else min(native.threads(), batch)
-  rule = native.row_groups
-  native.row_groups = lambda batch, weights, cores=None: groups
+  rule, asked = native.row_groups, []
+
+  def forced(batch, weights, cores=None):
+    asked.append(weights)
+    return groups
+  native.row_groups = forced
   try:
     run = build()
     run()  # traced and compiled here, with this split
@@ -68,11 +74,14 @@ def contender(build, split, batch):
                        f"kernels split {split} (row_groups = {groups}); see native.usable")
   finally:
     native.row_groups = rule
+  run.weights = asked
   return run
 
 
-def _timed(cell_name, mode, size, runs, weights, rounds, calls) -> dict:
-  """Both splits' tokens/s in interleaved rounds, their paired ratio, and the rule's picks."""
+def _timed(cell_name, mode, size, runs, loops, rounds, calls) -> dict:
+  """Both splits' tokens/s in interleaved rounds, their paired ratio, and the
+  rule's picks for the kernel calls the runs made, named ``loops``."""
+  weights = dict(zip(loops, runs["units"].weights, strict=True))
   per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
   return dict(cell=cell_name, mode=mode, **size, weights=weights,
               rule_picks_rows={loop: native.row_groups(size["B"], w) > 1
@@ -85,9 +94,8 @@ def _timed(cell_name, mode, size, runs, weights, rounds, calls) -> dict:
 def measure(cell_name, size, mode, rounds, calls) -> dict:
   build = lambda: peers.seqjax_contender(cell_name, size, mode)
   runs = {split: contender(build, split, size["B"]) for split in SPLITS}
-  columns = GATES[cell_name] * size["H"]
-  weights = {"forward": (size["D"] + size["H"]) * columns, "reverse": size["H"] * columns}
-  return _timed(cell_name, mode, size, runs, weights, rounds, calls)
+  loops = ("forward", "reverse") if mode == "train" else ("forward",)
+  return _timed(cell_name, mode, size, runs, loops, rounds, calls)
 
 
 def measure_sampler(cell_name, batch, hidden, length, mode, rounds) -> dict:
@@ -108,16 +116,15 @@ def measure_sampler(cell_name, batch, hidden, length, mode, rounds) -> dict:
   if not (tokens["units"] == tokens["rows"]).all():
     raise SystemExit(f"row_groups.py: the {cell_name} {mode} sampler drew other tokens split "
                      "by rows than by units")
-  weights = {"sampler": GATES[cell_name] * hidden * hidden + hidden * sampling.VOCAB}
   size = dict(B=batch, T=length, D=hidden, H=hidden)
-  return _timed(cell_name, mode, size, runs, weights, rounds, 1)
+  return _timed(cell_name, mode, size, runs, ("sampler",), rounds, 1)
 
 
 def _picks(row) -> str:
   """The rule's split for the row's loops: the forward loop's, and in training
   the reverse loop's (its weights are w_h alone)."""
   loops = [loop for loop in ("forward", "reverse", "sampler") if loop in row["rule_picks_rows"]]
-  loops = loops if row["mode"] == "train" else loops[:1]
+  loops = loops if row["mode"] == "train" else loops[:1]  # results from before list both
   return ", ".join("rows" if row["rule_picks_rows"][loop] else "units" for loop in loops)
 
 
