@@ -14,7 +14,8 @@ times ``seqjax.scan``'s training step and inference (as ``peers.py`` does)
 with each split forced, in interleaved rounds, over batch sizes and widths
 on both sides of that rule. Each row has both splits' tokens/s, the paired
 ratio rows / units, and ``rule_picks_rows``: the rule's choice for the
-forward loop and for the reverse loop (whose weights are w_h alone). A row
+forward loop and, in training, for the reverse loop (whose weights are w_h
+alone), from the weights those kernel calls asked it about. A row
 where the ratio is below 1 and the rule picks rows (or the reverse) is one
 the rule gets wrong.
 

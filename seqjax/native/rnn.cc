@@ -1207,9 +1207,10 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
 // tile (OuterSums), a's row's Mr units broadcast in turn, floats or (kBf16)
 // bfloat16 pairs of two rows of a and of w, w's rows prefetched kAhead ahead
 // as the loops' tiles do (w's 4 panels, 128 KB at 512 rows, stream from L2:
-// 1.01-1.03x the outer sums' GFLOP/s at the peers' sizes (a), (b), (c) and
-// the GRU's (b), float32 and bfloat16). Mr and V are template arguments so
-// the accumulators stay in registers.
+// 1.01-1.03x the outer sums' GFLOP/s alone at the peers' sizes (a), (b), (c)
+// and the GRU's (b), float32 and bfloat16; the LSTM's whole training step at
+// (b), 1.00x). Mr and V are template arguments so the accumulators stay in
+// registers.
 template <Units U, int Mr, int V>
 void outer_tile(const float* a, long M, long K, const float* w, long S, float* z, long N,
                 bool accumulate) {
