@@ -46,7 +46,6 @@ SIZES = [(16, 128, 1024), (32, 256, 128), (64, 512, 256), (16, 32, 1024), (64, 4
          (16, 512, 256), (16, 1024, 64)]
 QUICK_SIZES = [(16, 32, 16), (4, 32, 16)]
 SPLITS = ("units", "rows")
-GATES = {"lstm": 4, "gru": 3}
 # The samplers: (batch, H, tokens), sampling.py's model (V = 65, embedding 64).
 SAMPLE_SIZES = [(10, 512, 1000), (64, 512, 1000)]
 QUICK_SAMPLE_SIZES = [(10, 32, 20)]
@@ -167,7 +166,7 @@ def main(argv=None):
   parser = common.arguments(__doc__.splitlines()[0], "row_groups")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=3)
-  parser.add_argument("--cells", nargs="+", choices=sorted(GATES), default=["lstm", "gru"])
+  parser.add_argument("--cells", nargs="+", choices=peers.CELLS, default=list(peers.CELLS))
   parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="B,H,T",
                       help="batch, D = H and T of each size to time (default: the full list)")
   parser.add_argument("--no-samplers", dest="samplers", action="store_false",
