@@ -1205,12 +1205,16 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dh_T, ffi::Buffer<ffi::F32> dys,
 // over K units k of a[k, 0:Mr] w[k] (a's rows M apart; w: V panels of 16
 // columns, a panel's rows 16 apart, panels S apart): the outer sums' register
 // tile (OuterSums), a's row's Mr units broadcast in turn, floats or (kBf16)
-// bfloat16 pairs of two rows of a and of w, w's rows prefetched kAhead ahead
-// as the loops' tiles do (w's 4 panels, 128 KB at 512 rows, stream from L2:
-// 1.01-1.03x the outer sums' GFLOP/s alone at the peers' sizes (a), (b), (c)
-// and the GRU's (b), float32 and bfloat16; the LSTM's whole training step at
-// (b), 1.00x). Mr and V are template arguments so the accumulators stay in
-// registers.
+// bfloat16 pairs of two rows of a and of w. Prefetched: w's rows kAhead
+// ahead, as the loops' tiles do (w's 4 panels, 128 KB at 512 rows, stream
+// from L2: 1.01-1.03x the outer sums' GFLOP/s alone at the peers' sizes (a),
+// (b), (c) and the GRU's (b), float32 and bfloat16; the LSTM's whole training
+// step at (b), 1.00x); a's row kAhead ahead (a's rows are M floats apart, 2 KB
+// at M = 512, and a block of both a's, 2 MB, outgrows L2) and the next tile's
+// rows of z, to L2. The two together: 1.05x the outer sums alone at (b), 1.07x
+// the GRU's, 1.03x in bfloat16, 0.99-1.01x at (a) and (c); whole training
+// steps 1.02x (LSTM) and 1.03x (GRU) at (b), 0.99-1.01x at (a) and (c). Mr and
+// V are template arguments so the accumulators stay in registers.
 template <Units U, int Mr, int V>
 void outer_tile(const float* a, long M, long K, const float* w, long S, float* z, long N,
                 bool accumulate) {
@@ -1219,6 +1223,9 @@ void outer_tile(const float* a, long M, long K, const float* w, long S, float* z
   for (int i = 0; i < Mr; ++i)
     for (int v = 0; v < V; ++v)
       acc[i][v] = accumulate ? _mm512_loadu_ps(z + i * N + 16 * v) : _mm512_setzero_ps();
+  for (int i = 0; i < Mr; ++i)  // the next tile down: rows Mr on, the same columns
+    for (int v = 0; v < V; ++v)
+      _mm_prefetch(reinterpret_cast<const char*>(z + (Mr + i) * N + 16 * v), _MM_HINT_T1);
   for (long k = 0; k < K; ++k) {
     __m512 wk[V];
     for (int v = 0; v < V; ++v) {
@@ -1226,6 +1233,7 @@ void outer_tile(const float* a, long M, long K, const float* w, long S, float* z
       wk[v] = _mm512_loadu_ps(w + v * S + 16 * k);
     }
     const float* ak = a + k * M;
+    _mm_prefetch(reinterpret_cast<const char*>(ak + kAhead * M), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int i = 0; i < Mr; ++i) {
       const __m512 ai = _mm512_set1_ps(ak[i]);  // bit for bit: a pair
