@@ -319,17 +319,20 @@ def markdown(results) -> str:
   return "\n".join(lines)
 
 
-def group_arguments(parser, default_sizes=None) -> None:
-  """``--cells``, ``--modes`` and ``--sizes``: which groups a run times."""
+def group_arguments(parser, default_sizes=None, modes=MODES, default_modes=None) -> None:
+  """``--cells``, ``--modes`` (some of ``modes``; default ``default_modes``, else
+  all) and ``--sizes``: which groups a run times."""
   parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated of lstm,gru")
-  parser.add_argument("--modes", default=",".join(MODES), help="comma-separated of train,infer")
+  parser.add_argument("--modes", default=default_modes or ",".join(modes),
+                      help=f"comma-separated of {','.join(modes)} (default: "
+                           f"{default_modes or 'all'})")
   parser.add_argument("--sizes", default=default_sizes,
                       help=f"comma-separated of {','.join(SIZES)} (default: "
                            f"{default_sizes or 'all'})")
 
 
-def groups(parser, args):
-  """The cells, modes and ``{name: size}`` of :func:`group_arguments`' flags
+def groups(parser, args, known_modes=MODES):
+  """The cells, modes (of ``known_modes``) and ``{name: size}`` of :func:`group_arguments`' flags
   (``--quick``: :data:`QUICK_SIZES`, whatever ``--sizes`` says); an unknown
   name stops the run with one line that lists the known ones."""
   def pick(flag, text, known):
@@ -340,7 +343,7 @@ def groups(parser, args):
                    f"{','.join(known)}")
     return names
   cell_names = pick("--cells", args.cells, CELLS)
-  modes = pick("--modes", args.modes, MODES)
+  modes = pick("--modes", args.modes, known_modes)
   if args.quick:
     return cell_names, modes, QUICK_SIZES
   if args.sizes is None:

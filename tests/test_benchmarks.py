@@ -320,7 +320,7 @@ def test_loop_unroll_times_the_groups_its_flags_pick(tmp_path):
   assert payload["results"][-1]["relative_to"] == 2
 
 
-@pytest.mark.parametrize("script", ["peers", "loop_unroll"])
+@pytest.mark.parametrize("script", ["peers", "loop_unroll", "kernel_variants"])
 @pytest.mark.parametrize("flag,value,unknown", [("--cells", "lstm,lsmt", "'lsmt'"),
                                                 ("--modes", "tran", "'tran'"),
                                                 ("--sizes", "b,d", "'d'")])
@@ -409,6 +409,53 @@ def test_row_groups(tmp_path):
     assert r["rule_picks_rows"] == {loop: native.row_groups(r["B"], w, config["threads"]) > 1
                                     for loop, w in r["weights"].items()}
   assert "| rows / units (range) |" in out
+
+
+def test_kernel_variants(tmp_path):
+  """An unedited copy of rnn.cc gives the kernels' results bit for bit; one
+  whose column sums are doubled (the bias gradients) is timed too, and its
+  results are reported as differing."""
+  source = ROOT / "seqjax" / "native" / "rnn.cc"
+  text = source.read_text()
+  summing = "sum = _mm512_add_ps(sum, row);"
+  assert text.count(summing) == 1
+  doubled = tmp_path / "doubled.cc"
+  doubled.write_text(text.replace(summing, "sum = _mm512_add_ps(sum, _mm512_add_ps(row, row));"))
+  copy = tmp_path / "copy.cc"
+  copy.write_text(text)
+  payload, out = _run("kernel_variants", tmp_path, f"copy={copy}", f"doubled={doubled}",
+                      "--modes", "train,outer_sum", "--cells", "lstm")
+  variants = payload["config"]["variants"]
+  assert variants["copy"] == {"source": str(copy), "diff": ""}
+  changed = [line for line in variants["doubled"]["diff"].splitlines()
+             if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+  assert [line[0] + line[1:].strip() for line in changed] == [
+      "-" + summing, "+sum = _mm512_add_ps(sum, _mm512_add_ps(row, row));"]
+  rows = payload["results"]
+  assert [(r["cell"], r["mode"]) for r in rows] == [("lstm", "train"), ("lstm", "outer_sum")]
+  for r in rows:
+    assert set(r["tokens_per_s"]) == set(r["gflops"]) == {"base", "copy", "doubled"}
+    for name in ("base", "copy", "doubled"):
+      _spread(r["tokens_per_s"][name])
+      _spread(r["gflops"][name])
+    for name in ("copy", "doubled"):
+      _spread(r["vs_base"][name])
+    assert r["equal_to_base"] == {"copy": True, "doubled": False}
+    assert r["max_abs_difference"]["copy"] == 0 < r["max_abs_difference"]["doubled"]
+  assert "doubled" in out and "differs by up to" in out
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["mine=/no/such/rnn.cc"], "variant 'mine': no source file '/no/such/rnn.cc'"),
+    (["base=" + __file__], "a variant is NAME=PATH, NAME made of letters, digits and _ (not "
+                           "'base')"),
+    ([], "expected at least one variant, NAME=PATH")])
+def test_kernel_variants_stops_on_a_bad_variant_with_one_line(argv, says, capsys, monkeypatch):
+  monkeypatch.setattr(native, "reuse_freed_memory", lambda: False)  # not this process's malloc
+  with pytest.raises(SystemExit) as stop:
+    _bench_module("kernel_variants").main(argv)
+  assert stop.value.code == 2
+  assert says in capsys.readouterr().err
 
 
 def test_the_environment_records_xla_flags_where_set(monkeypatch):

@@ -863,6 +863,51 @@ def test_disabled_traces_the_xla_path_and_only_inside_the_block(kind):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
+def test_a_variant_of_the_source_runs_beside_the_kernels_inside_its_block(tmp_path):
+  """build_variant registers an edited rnn.cc's kernels under their own
+  names; functions traced inside variant() call them, others the package's
+  (an unedited copy here: the same build, so no compile, and the same values)."""
+  source = tmp_path / "copy.cc"
+  shutil.copy(native._SOURCE, source)
+  native.build_variant(source, "test_copy")
+  params, xs, *carry = _problem(4, 16, 5, 32)
+  loss = lambda p, x: jnp.sum(_scan("lstm")(p, x, *carry, None, None, None)[-1] ** 2)
+  grad = lambda: jax.jit(jax.value_and_grad(lambda *a: loss(*a)))  # a new function each time
+  with native.variant("test_copy"):
+    on_copy = grad().lower(params, xs)
+  on_kernels = grad().lower(params, xs)
+  for name in ("lstm_forward_saving", "lstm_reverse", "outer_sum"):
+    assert f"@test_copy_seqjax_{name}" in on_copy.as_text()
+    assert f"@seqjax_{name}" in on_kernels.as_text() and "test_copy" not in on_kernels.as_text()
+  for got, want in zip(jax.tree.leaves(on_copy.compile()(params, xs)),
+                       jax.tree.leaves(on_kernels.compile()(params, xs))):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"expected a new name .* got 'test_copy'"):
+    native.build_variant(source, "test_copy")
+  with pytest.raises(ValueError, match="expected a new name"):
+    native.build_variant(source, "no-dashes")
+  with pytest.raises(FileNotFoundError, match="no source file"):
+    native.build_variant(tmp_path / "missing.cc", "test_missing")
+  with pytest.raises(ValueError, match=r"expected one of build_variant's names .* got 'unbuilt'"):
+    with native.variant("unbuilt"):
+      pass
+
+
+def test_a_variant_that_does_not_build_says_why(tmp_path):
+  broken, empty = tmp_path / "broken.cc", tmp_path / "empty.cc"
+  broken.write_text("int broken = ;\n")
+  empty.write_text("int empty = 1;\n")
+  with pytest.raises(RuntimeError, match=r"build_variant: .*broken.cc: .* failed on broken.cc: "):
+    native.build_variant(broken, "test_broken")
+  with pytest.raises(RuntimeError, match=r"build_variant: .*empty.cc: the build exports no "
+                                         r"SeqjaxLstmForward, SeqjaxLstmForwardSaving, "):
+    native.build_variant(empty, "test_empty")
+  for name in ("test_broken", "test_empty"):  # neither registered
+    with pytest.raises(ValueError, match="expected one of build_variant's names"):
+      with native.variant(name):
+        pass
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_calls_too_short_to_repay_the_pack_keep_the_xla_path(kind):
   """Packing the weights costs more than a short call gains: one step at a time

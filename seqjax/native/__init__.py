@@ -29,12 +29,15 @@ CPUs this process may use, capped by a container's CPU quota). A call does
 not wait for a thread that is late (asleep, or off its core): the others
 take its share of a step until it joins (``SEQJAX_NATIVE_LATE_WORKERS_US``,
 for tests, makes every worker thread that late).
-:func:`disabled` traces a block's functions on the XLA path, to compare the two.
+:func:`disabled` traces a block's functions on the XLA path, to compare the two;
+:func:`build_variant` and :func:`variant` do the same for an edited copy of
+``rnn.cc`` built beside the kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -104,13 +107,14 @@ def _cache_dir() -> Path:
   return Path(root)
 
 
-def _build(compiler: str) -> Path:
-  """Compiles ``rnn.cc`` into the cache (once per source, compiler, jaxlib and CPU)."""
+def _build(compiler: str, source: Path = _SOURCE) -> Path:
+  """Compiles ``source`` (``rnn.cc``) into the cache (once per source's text,
+  compiler, jaxlib and CPU)."""
   include = jax.ffi.include_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
            f"-I{include}"]
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
+  for part in (source.read_bytes(), compiler.encode(), " ".join(flags).encode(),
                jax.__version__.encode(), " ".join(sorted(_cpu_flags())).encode()):
     key.update(part)
   out = _cache_dir() / f"rnn-{key.hexdigest()[:16]}.so"
@@ -119,13 +123,25 @@ def _build(compiler: str) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     built = Path(tmp) / out.name
-    run = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built)],
+    run = subprocess.run([compiler, *flags, str(source), "-o", str(built)],
                          capture_output=True, text=True, check=False)
     if run.returncode != 0:
       tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-      raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: " + " | ".join(tail))
+      raise RuntimeError(f"{compiler} failed on {source.name}: " + " | ".join(tail))
     os.replace(built, out)  # atomic: a concurrent build leaves one whole file
   return out
+
+
+def _register(library: Path, prefix: str) -> None:
+  """Registers the kernels of a built ``library`` under their targets' names
+  (:data:`_TARGETS`), each prefixed ``prefix``."""
+  loaded = ctypes.cdll.LoadLibrary(str(library))
+  missing = [symbol for symbol in _TARGETS.values() if not hasattr(loaded, symbol)]
+  if missing:
+    raise RuntimeError(f"the build exports no {', '.join(missing)}")
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(prefix + target, jax.ffi.pycapsule(getattr(loaded, symbol)),
+                                platform="cpu")
 
 
 @functools.cache
@@ -141,11 +157,7 @@ def _load() -> str | None:
   if compiler is None:
     return "no C++ compiler found ($CXX, g++ or c++)"
   try:
-    import ctypes
-    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    for target, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                  platform="cpu")
+    _register(_build(compiler), "")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     warnings.warn(f"seqjax: the native LSTM/GRU kernels were not built, using the XLA path ({e})",
                   RuntimeWarning, stacklevel=3)
@@ -156,6 +168,48 @@ def _load() -> str | None:
 def status() -> str:
   """``"ready"``, or why the native kernels are not used here."""
   return _load() or "ready"
+
+
+_variants: set[str] = set()  # build_variant's names
+_variant = threading.local()  # the variant that calls traced in this thread use (.name)
+
+
+def build_variant(source: str | os.PathLike, name: str) -> None:
+  """Builds ``source``, an edited copy of ``rnn.cc``, as the package's own
+  kernels are built, and registers its kernels beside theirs under target
+  names prefixed ``name``, for :func:`variant` to run: a change to the
+  kernels timed against them in one process (``benchmarks/kernel_variants.py``).
+  ``source`` must export the same kernels (:data:`_TARGETS`)."""
+  why_not = _load()
+  if why_not is not None:
+    raise RuntimeError(f"seqjax.native.build_variant: the kernels cannot run here: {why_not}")
+  if not name.isidentifier() or name in _variants:
+    raise ValueError(f"seqjax.native.build_variant: expected a new name made of letters, digits "
+                     f"and _ (built so far: {sorted(_variants)}); got {name!r}")
+  source = Path(source)
+  if not source.is_file():
+    raise FileNotFoundError(f"seqjax.native.build_variant: no source file {str(source)!r}")
+  try:
+    _register(_build(_compiler(), source), f"{name}_")
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    raise RuntimeError(f"seqjax.native.build_variant: {source}: {e}") from None
+  _variants.add(name)
+
+
+@contextlib.contextmanager
+def variant(name: str):
+  """Functions traced inside this block call the kernels that
+  :func:`build_variant` built as ``name`` (in this thread). As with
+  :func:`disabled`, the choice is made when a function is traced."""
+  if name not in _variants:
+    raise ValueError(f"seqjax.native.variant: expected one of build_variant's names "
+                     f"{sorted(_variants)}; got {name!r}")
+  before = getattr(_variant, "name", None)
+  _variant.name = name
+  try:
+    yield
+  finally:
+    _variant.name = before
 
 
 def _quota(cpu_max: str) -> int | None:
@@ -401,6 +455,8 @@ def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
                      f"with AVX512_BF16; got {matmul_dtype!r}")
   out = [s if isinstance(s, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(s, jnp.float32)
          for s in shapes]
+  name = getattr(_variant, "name", None)
+  target = f"{name}_{target}" if name else target
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
       *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
@@ -602,6 +658,6 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
   return tokens, logits, states
 
 
-__all__ = ["status", "usable", "disabled", "threads", "partitions", "row_groups",
-           "reuse_freed_memory", "lstm_forward", "lstm_reverse", "gru_forward", "gru_reverse",
-           "outer_sum", "sample_usable", "lstm_sample", "gru_sample"]
+__all__ = ["status", "usable", "disabled", "build_variant", "variant", "threads", "partitions",
+           "row_groups", "reuse_freed_memory", "lstm_forward", "lstm_reverse", "gru_forward",
+           "gru_reverse", "outer_sum", "sample_usable", "lstm_sample", "gru_sample"]
