@@ -192,7 +192,10 @@ def main(argv=None):
   if not variants:
     variants = {"copy": native._SOURCE}
   for name, path in variants.items():
-    native.build_variant(path, name)
+    try:
+      native.build_variant(path, name)
+    except RuntimeError as e:  # the compiler's last lines, or the kernels it lacks
+      parser.error(str(e))
   names = [BASE, *variants]
   matmul_dtype = None if args.matmul_dtype == "float32" else args.matmul_dtype
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)

@@ -449,9 +449,14 @@ def test_kernel_variants(tmp_path):
     (["mine=/no/such/rnn.cc"], "variant 'mine': no source file '/no/such/rnn.cc'"),
     (["base=" + __file__], "a variant is NAME=PATH, NAME made of letters, digits and _ (not "
                            "'base')"),
-    ([], "expected at least one variant, NAME=PATH")])
-def test_kernel_variants_stops_on_a_bad_variant_with_one_line(argv, says, capsys, monkeypatch):
+    ([], "expected at least one variant, NAME=PATH"),
+    (["broken={broken}"], "build_variant: {broken}: ")])
+def test_kernel_variants_stops_on_a_bad_variant_with_one_line(argv, says, tmp_path, capsys,
+                                                             monkeypatch):
   monkeypatch.setattr(native, "reuse_freed_memory", lambda: False)  # not this process's malloc
+  broken = tmp_path / "broken.cc"
+  broken.write_text("int broken = ;\n")
+  argv, says = [a.format(broken=broken) for a in argv], says.format(broken=broken)
   with pytest.raises(SystemExit) as stop:
     _bench_module("kernel_variants").main(argv)
   assert stop.value.code == 2
