@@ -170,8 +170,24 @@ def status() -> str:
   return _load() or "ready"
 
 
+class _ThreadSetting(threading.local):
+  """A setting of each thread's own, ``value`` (``default`` until set), which
+  a ``with setting.set(value):`` block changes and then restores."""
+
+  def __init__(self, default):
+    self.value = default
+
+  @contextlib.contextmanager
+  def set(self, value):
+    before, self.value = self.value, value
+    try:
+      yield
+    finally:
+      self.value = before
+
+
 _variants: set[str] = set()  # build_variant's names
-_variant = threading.local()  # the variant that calls traced in this thread use (.name)
+_variant = _ThreadSetting(None)  # the variant whose kernels calls traced in a thread use
 
 
 def build_variant(source: str | os.PathLike, name: str) -> None:
@@ -204,12 +220,8 @@ def variant(name: str):
   if name not in _variants:
     raise ValueError(f"seqjax.native.variant: expected one of build_variant's names "
                      f"{sorted(_variants)}; got {name!r}")
-  before = getattr(_variant, "name", None)
-  _variant.name = name
-  try:
+  with _variant.set(name):
     yield
-  finally:
-    _variant.name = before
 
 
 def _quota(cpu_max: str) -> int | None:
@@ -339,7 +351,7 @@ def _runs(arrays, matmul_dtype, steps, rows, weights, hidden) -> bool:
   float32, ``matmul_dtype`` one the kernels run, a CPU backend, ``steps`` x
   ``rows`` enough to repay packing ``weights`` floats, ``hidden`` units the
   kernels split, the kernels built, and not inside :func:`disabled`."""
-  if getattr(_disabled, "on", False):
+  if _disabled.value:
     return False
   if _bf16(matmul_dtype) is None or any(jnp.result_type(a) != jnp.float32 for a in arrays):
     return False
@@ -382,7 +394,6 @@ def reuse_freed_memory() -> bool:
   """
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
-  import ctypes  # noqa: PLC0415
   libc = ctypes.CDLL(None)
   heaps = _heaps(libc)
   if heaps > 1:
@@ -398,7 +409,6 @@ def reuse_freed_memory() -> bool:
 def _heaps(libc) -> int:
   """How many heaps (arenas) glibc's malloc has in this process: 1, the main
   one, until threads that allocate take their own (``malloc_info``'s count)."""
-  import ctypes  # noqa: PLC0415
   libc.fopen.restype = ctypes.c_void_p
   libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
   libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -412,7 +422,7 @@ def _heaps(libc) -> int:
     return max(1, report.read().count("<heap nr="))
 
 
-_disabled = threading.local()
+_disabled = _ThreadSetting(False)
 
 
 @contextlib.contextmanager
@@ -427,12 +437,8 @@ def disabled():
       with native.disabled():
         xla = jax.jit(lambda p, x: seqjax.scan(cell, p, x)).lower(params, xs).compile()
   """
-  before = getattr(_disabled, "on", False)
-  _disabled.on = True
-  try:
+  with _disabled.set(True):
     yield
-  finally:
-    _disabled.on = before
 
 
 def _flags(valid, resets):
@@ -455,8 +461,7 @@ def _call(target, shapes, parts, matmul_dtype, *args, **attributes):
                      f"with AVX512_BF16; got {matmul_dtype!r}")
   out = [s if isinstance(s, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(s, jnp.float32)
          for s in shapes]
-  name = getattr(_variant, "name", None)
-  target = f"{name}_{target}" if name else target
+  target = f"{_variant.value}_{target}" if _variant.value else target
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
       *args, partitions=np.int64(parts), bf16=bf16, **attributes)
 
