@@ -121,11 +121,10 @@ def measure_sampler(cell_name, batch, hidden, length, mode, rounds) -> dict:
 
 
 def _picks(row) -> str:
-  """The rule's split for the row's loops: the forward loop's, and in training
-  the reverse loop's (its weights are w_h alone)."""
-  loops = [loop for loop in ("forward", "reverse", "sampler") if loop in row["rule_picks_rows"]]
-  loops = loops if row["mode"] == "train" else loops[:1]  # results from before list both
-  return ", ".join("rows" if row["rule_picks_rows"][loop] else "units" for loop in loops)
+  """The rule's split for each kernel call of the row, in the order traced:
+  the forward loop's, and in training the reverse loop's (its weights are
+  w_h alone); or the sampler's."""
+  return ", ".join("rows" if rows else "units" for rows in row["rule_picks_rows"].values())
 
 
 def markdown(results) -> str:
