@@ -37,11 +37,9 @@ from pathlib import Path
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peers
 
-import seqjax
 from seqjax import native
 
 MODES = ("train", "infer", "outer_sum")
@@ -85,15 +83,10 @@ def _functions(cell_name, size, mode, matmul_dtype):
   """``(timed, value)`` for one group, each building a blocking run as
   peers.py's runs (its ``lower()`` shows the kernels it calls): ``timed()``
   the one timed, ``value()`` one whose ``result`` the variants must
-  reproduce."""
-  if mode in ("train", "infer"):
-    # peers.py's step and its arguments (the same seeds), and the step's gradients
-    cell = {"lstm": seqjax.cells.LSTM, "gru": seqjax.cells.GRU}[cell_name](
-        size["H"], matmul_dtype=matmul_dtype)
-    params = cell.init(jax.random.key(0), size["D"])
-    xs = jax.random.normal(jax.random.key(1), (size["B"], size["T"], size["D"]))
-    forward = lambda p, x: seqjax.scan(cell, p, x)[1]
-    value = forward if mode == "infer" else jax.grad(lambda p, x: jnp.mean(forward(p, x) ** 2))
+  reproduce (``None``: the timed run's own ``result``)."""
+  if mode in ("train", "infer"):  # peers.py's step, and its output or gradients
+    forward, params, xs = peers.seqjax_problem(cell_name, size, matmul_dtype)
+    value = forward if mode == "infer" else peers.gradient(forward)
     return (lambda: peers.seqjax_contender(cell_name, size, mode, matmul_dtype),
             lambda: _jitted(value, params, xs))
   rows, gates = size["B"] * size["T"], peers.GATES[cell_name]
@@ -103,8 +96,7 @@ def _functions(cell_name, size, mode, matmul_dtype):
   b = jax.random.normal(keys[2], (rows, gates * size["H"]))
   tiled = jax.random.normal(keys[0], (rows, size["H"])) if cell_name == "gru" else None
   products = lambda x, h, b, t: native.outer_sum((x, h), b, matmul_dtype, t, column_sums=True)
-  run = lambda: _jitted(products, x, h, b, tiled)
-  return run, run
+  return (lambda: _jitted(products, x, h, b, tiled)), None
 
 
 def _on(name, fn):
@@ -136,7 +128,8 @@ def _difference(a, b) -> tuple[bool, float]:
 def measure(cell_name, size, mode, names, matmul_dtype, rounds, calls) -> dict:
   timed, value = _functions(cell_name, size, mode, matmul_dtype)
   runs = {name: _on(name, lambda name=name: _checked(name, timed())) for name in names}
-  values = {name: _on(name, lambda name=name: _checked(name, value())).result
+  values = {name: (runs[name] if value is None
+                   else _on(name, lambda name=name: _checked(name, value()))).result
             for name in names}
   tokens = size["B"] * size["T"]
   per_round = common.interleaved_rounds(runs, tokens, rounds, calls)

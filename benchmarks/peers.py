@@ -94,6 +94,12 @@ def flops_per_token(cell_name, size, mode):
   return forward if mode == "infer" else 2 * forward + 2 * h * gates * h
 
 
+def gradient(forward):
+  """The training steps' gradient: of mean(ys²), ys = ``forward(params, xs)``,
+  with respect to the parameters."""
+  return jax.grad(lambda p, x: jnp.mean(forward(p, x) ** 2))
+
+
 def _jax_run(forward, params, xs, mode):
   """One blocking call of a JAX contender: jitted ``forward(params, xs)``
   (``infer``), or an SGD step on mean(ys²) that keeps its parameters (``train``).
@@ -107,7 +113,7 @@ def _jax_run(forward, params, xs, mode):
 
   @jax.jit
   def step(params, xs):
-    grads = jax.grad(lambda p, x: jnp.mean(forward(p, x) ** 2))(params, xs)
+    grads = gradient(forward)(params, xs)
     return jax.tree.map(lambda p, g: p - LR * g, params, grads)
   state = {"params": params}
 
@@ -117,7 +123,10 @@ def _jax_run(forward, params, xs, mode):
   return run
 
 
-def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
+def seqjax_problem(cell_name, size, matmul_dtype=None):
+  """``(forward, params, xs)``: seqjax's ``forward(params, xs) -> ys`` for a
+  group, its parameters (seed 0) and its inputs [B, T, D] (seed 1), as
+  :func:`seqjax_contender` runs them."""
   cell = {"lstm": cells.LSTM, "gru": cells.GRU}[cell_name](size["H"],
                                                           matmul_dtype=matmul_dtype)
   params = cell.init(jax.random.key(0), size["D"])
@@ -125,7 +134,11 @@ def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
 
   def forward(params, xs):
     return seqjax.scan(cell, params, xs)[1]
-  return _jax_run(forward, params, xs, mode)
+  return forward, params, xs
+
+
+def seqjax_contender(cell_name, size, mode, matmul_dtype=None):
+  return _jax_run(*seqjax_problem(cell_name, size, matmul_dtype), mode)
 
 
 def seqjax_xla_contender(cell_name, size, mode):
