@@ -66,7 +66,7 @@ def measure(kind, steps, hidden, calls, pause_s, compiles, per_compile):
   xs = jax.random.normal(jax.random.key(1), (BATCH, steps, hidden), jnp.float32)
   times = {"after_compile": [], "after_pause": [], "in_a_row": []}
   for fresh in range(compiles):
-    loss = lambda p, x, fresh=fresh: jnp.mean(seqjax.scan(cell, p, x)[1] ** 2) + fresh
+    loss = lambda p, x, fresh=fresh: common.loss(seqjax.scan(cell, p, x)[1]) + fresh
     step = jax.jit(jax.value_and_grad(loss))
     jax.block_until_ready(step(params, xs))  # compiles
     times["after_compile"] += [timed(step, (params, xs)) for _ in range(per_compile)]

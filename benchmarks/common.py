@@ -101,6 +101,12 @@ def pop_peak(per_round: dict, tokens: int, n: int, name: str = "peak") -> list[f
   return [x / tokens * 2 * n ** 3 for x in per_round.pop(name)]
 
 
+def loss(ys):
+  """The benchmarks' training loss, mean(ys²) of a layer's outputs: a JAX
+  array's or a torch tensor's (Keras's "mse" against zeros is the same)."""
+  return (ys ** 2).mean()
+
+
 def median(values) -> float:
   return float(statistics.median(values))
 

@@ -97,7 +97,7 @@ def flops_per_token(cell_name, size, mode):
 def gradient(forward):
   """The training steps' gradient: of mean(ys²), ys = ``forward(params, xs)``,
   with respect to the parameters."""
-  return jax.grad(lambda p, x: jnp.mean(forward(p, x) ** 2))
+  return jax.grad(lambda p, x: common.loss(forward(p, x)))
 
 
 def _jax_run(forward, params, xs, mode):
@@ -201,7 +201,7 @@ def torch_contender(cell_name, size, mode, autocast=None):
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    (torch_forward(module, xs, autocast) ** 2).mean().backward()
+    common.loss(torch_forward(module, xs, autocast)).backward()
     optimizer.step()
     done()
   return run

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peers
 
-import seqjax
-from seqjax import cells, native
+from seqjax import native
 
 CONTENDERS = {"float32": None, "bfloat16": "bfloat16"}  # seqjax's matmul_dtype
 TORCH = {"torch_float32": None, "torch_bfloat16": "bfloat16"}  # torch's autocast dtype
@@ -34,15 +32,10 @@ TORCH = {"torch_float32": None, "torch_bfloat16": "bfloat16"}  # torch's autocas
 
 def accuracy(cell_name, size) -> dict:
   """Relative errors of bf16 against f32: outputs, and each gradient of mean(ys²)."""
-  make = {"lstm": cells.LSTM, "gru": cells.GRU}[cell_name]
-  params = make(size["H"]).init(jax.random.key(0), size["D"])
-  xs = jax.random.normal(jax.random.key(1), (size["B"], size["T"], size["D"]))
   results = {}
-  for name, dtype in CONTENDERS.items():
-    cell = make(size["H"], matmul_dtype=dtype)
-    loss = lambda p, cell=cell: jnp.mean(seqjax.scan(cell, p, xs)[1] ** 2)
-    ys = jax.jit(lambda p, cell=cell: seqjax.scan(cell, p, xs)[1])(params)
-    results[name] = (ys, jax.jit(jax.grad(loss))(params))
+  for name, dtype in CONTENDERS.items():  # the same parameters and inputs for both
+    forward, params, xs = peers.seqjax_problem(cell_name, size, dtype)
+    results[name] = (jax.jit(forward)(params, xs), jax.jit(peers.gradient(forward))(params, xs))
   return _relative_errors(results["bfloat16"], results["float32"])
 
 
@@ -62,7 +55,7 @@ def torch_accuracy(cell_name, size) -> dict:
   for name, autocast in TORCH.items():
     module, xs = peers.torch_module(cell_name, size)
     ys = peers.torch_forward(module, xs, autocast)
-    (ys ** 2).mean().backward()
+    common.loss(ys).backward()
     results[name] = (ys.detach().cpu().numpy(),
                      {k: p.grad.cpu().numpy() for k, p in module.named_parameters()})
   return _relative_errors(results["torch_bfloat16"], results["torch_float32"])

@@ -26,7 +26,6 @@ import time
 
 import common
 import jax
-import jax.numpy as jnp
 
 import seqjax
 from seqjax import cells, fused, native
@@ -42,7 +41,7 @@ def _functions(cell, method, unroll):
     return seqjax.run(cell, params, xs, method=method, unroll=unroll)[1]
 
   def train(params, xs):
-    return jax.value_and_grad(lambda p: jnp.mean(forward(p, xs) ** 2))(params)
+    return jax.value_and_grad(lambda p: common.loss(forward(p, xs)))(params)
   return {"forward": forward, "train": train}
 
 
