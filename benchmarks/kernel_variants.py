@@ -1,6 +1,7 @@
 """The native kernels against edited copies of their source, side by side in one process.
 
     python benchmarks/kernel_variants.py prefetch=/tmp/rnn_prefetch.cc --cells lstm --sizes b
+    python benchmarks/kernel_variants.py mine=/tmp/rnn_mine.cc --shape 8,256,512,512 --modes train,infer
     python benchmarks/kernel_variants.py --quick --out /tmp/kernel_variants.json
 
 A change to ``seqjax/native/rnn.cc`` (a prefetch, a tile's shape, a block's
@@ -57,6 +58,16 @@ def _variant(text: str) -> tuple[str, Path]:
   if not Path(path).is_file():
     raise argparse.ArgumentTypeError(f"variant {name!r}: no source file {path!r}")
   return name, Path(path)
+
+
+def _shape(text: str) -> tuple[str, dict]:
+  """``"B,T,D,H"`` as ``(name, size)``: a size of ``--shape``."""
+  try:
+    b, t, d, h = (int(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"a shape is four integers B,T,D,H (batch, steps, inputs, "
+                                     f"hidden units), got {text!r}") from None
+  return f"B{b}_T{t}_D{d}_H{h}", dict(B=b, T=t, D=d, H=h)
 
 
 def _diff(path: Path) -> str:
@@ -167,12 +178,19 @@ def main(argv=None):
                       help="an edited copy of seqjax/native/rnn.cc to time against it "
                            "(--quick without one: an unedited copy)")
   peers.group_arguments(parser, modes=MODES, default_modes="train")
+  parser.add_argument("--shape", action="append", type=_shape, default=[], metavar="B,T,D,H",
+                      help="a size of one's own (repeatable): with --sizes, timed beside them; "
+                           "without, alone (with --quick, in place of its tiny size)")
   parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per round")
   args = parser.parse_args(argv)
   cell_names, modes, sizes = peers.groups(parser, args, MODES)
-  sizes = QUICK_SIZES if args.quick else sizes
+  shapes = dict(args.shape)
+  if args.quick:
+    sizes = shapes or QUICK_SIZES
+  elif shapes:
+    sizes = {**(sizes if args.sizes is not None else {}), **shapes}
   variants = dict(args.variants)
   if len(variants) != len(args.variants):
     parser.error("two variants share a name")

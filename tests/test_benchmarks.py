@@ -445,8 +445,23 @@ def test_kernel_variants(tmp_path):
   assert "doubled" in out and "differs by up to" in out
 
 
+def test_kernel_variants_times_a_shape_of_ones_own(tmp_path):
+  """--shape B,T,D,H times that size in place of the named ones (here with
+  D != H, and a batch the threads split by units)."""
+  payload, out = _run("kernel_variants", tmp_path, "--shape", "3,5,48,32", "--cells", "gru",
+                      "--modes", "infer")
+  assert payload["config"]["sizes"] == {"B3_T5_D48_H32": dict(B=3, T=5, D=48, H=32)}
+  [row] = payload["results"]
+  assert (row["size"], row["cell"], row["mode"]) == ("B3_T5_D48_H32", "gru", "infer")
+  assert (row["B"], row["T"], row["D"], row["H"]) == (3, 5, 48, 32)
+  assert row["equal_to_base"] == {"copy": True}
+  assert "gru (B3_T5_D48_H32) infer" in out
+
+
 @pytest.mark.parametrize("argv,says", [
     (["mine=/no/such/rnn.cc"], "variant 'mine': no source file '/no/such/rnn.cc'"),
+    (["--shape", "4,8,32"], "argument --shape: a shape is four integers B,T,D,H (batch, steps, "
+                            "inputs, hidden units), got '4,8,32'"),
     (["base=" + __file__], "a variant is NAME=PATH, NAME made of letters, digits and _ (not "
                            "'base')"),
     ([], "expected at least one variant, NAME=PATH"),
