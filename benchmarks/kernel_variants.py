@@ -64,9 +64,11 @@ def _shape(text: str) -> tuple[str, dict]:
   """``"B,T,D,H"`` as ``(name, size)``: a size of ``--shape``."""
   try:
     b, t, d, h = (int(part) for part in text.split(","))
+    if min(b, t, d, h) < 1:
+      raise ValueError
   except ValueError:
-    raise argparse.ArgumentTypeError(f"a shape is four integers B,T,D,H (batch, steps, inputs, "
-                                     f"hidden units), got {text!r}") from None
+    raise argparse.ArgumentTypeError(f"a shape is four positive integers B,T,D,H (batch, steps, "
+                                     f"inputs, hidden units), got {text!r}") from None
   return f"B{b}_T{t}_D{d}_H{h}", dict(B=b, T=t, D=d, H=h)
 
 

@@ -460,8 +460,10 @@ def test_kernel_variants_times_a_shape_of_ones_own(tmp_path):
 
 @pytest.mark.parametrize("argv,says", [
     (["mine=/no/such/rnn.cc"], "variant 'mine': no source file '/no/such/rnn.cc'"),
-    (["--shape", "4,8,32"], "argument --shape: a shape is four integers B,T,D,H (batch, steps, "
-                            "inputs, hidden units), got '4,8,32'"),
+    (["--shape", "4,8,32"], "argument --shape: a shape is four positive integers B,T,D,H "
+                            "(batch, steps, inputs, hidden units), got '4,8,32'"),
+    (["--shape", "4,0,32,32"], "argument --shape: a shape is four positive integers B,T,D,H "
+                               "(batch, steps, inputs, hidden units), got '4,0,32,32'"),
     (["base=" + __file__], "a variant is NAME=PATH, NAME made of letters, digits and _ (not "
                            "'base')"),
     ([], "expected at least one variant, NAME=PATH"),
