@@ -34,9 +34,12 @@ available, which split each step across the CPU's cores: each cell's forward
 loop (saving the same residuals as ``_forward``/``_gru_forward`` when a
 gradient is taken) and its backward pass's reverse loop
 (``_lstm_reverse``/``_gru_reverse``), also with ``matmul_dtype="bfloat16"``
-on CPUs with AVX512_BF16. The weight gradients after the loops and every
-other case (other dtypes, other ``matmul_dtype``, other backends) run the
-XLA code here; on a GPU those loops run 16 steps an iteration (``_UNROLL``).
+on CPUs with AVX512_BF16, and at any hidden size: one that is not a whole
+number of the kernels' registers runs with zero units added (``_padded``).
+So do the weight and bias gradients after the loops (``_outer_sum``). The
+input gradients and every other case (other dtypes, other ``matmul_dtype``,
+other backends) run the XLA code here; on a GPU those loops run 16 steps an
+iteration (``_UNROLL``).
 
 ``matmul_dtype`` (a cell option) rounds the operands of every matmul, forward
 and backward, to that dtype (``"bfloat16"``), accumulating in the parameters'
@@ -255,6 +258,41 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool, matmul_dtype):
   return (h, c, ys), saved
 
 
+def _pad_units(a, gates: int, pad: int):
+  """``a [..., gates H]`` with ``pad`` zero columns after each gate block's H."""
+  *lead, n = a.shape
+  blocks = a.reshape(*lead, gates, n // gates)
+  blocks = jnp.pad(blocks, [(0, 0)] * (len(lead) + 1) + [(0, pad)])
+  return blocks.reshape(*lead, gates * (n // gates + pad))
+
+
+def _padded(params, xs, carry, gates: int, matmul_dtype, batch_major: bool):
+  """``(params, carry, H)`` widened by zero units to :func:`seqjax.native.padded_units`,
+  where the native kernels run the wider call and not this one (H not a
+  whole number of registers), else ``None``.
+
+  The added units start at zero and stay there: their pre-activations are 0
+  (zero columns of w_x, w_h and the biases), so an LSTM's c and h stay 0
+  (c = 0.5 c + 0.5 tanh(0), h = 0.5 tanh(c)) and a GRU's h (n = tanh(0),
+  h = 0.5 n + 0.5 h); and they add nothing to the others' (zero rows of
+  w_h). The caller slices H units off the results; their gradients, the
+  transposes of the pad and the slice, reach only the parameters' own
+  entries. (1.2-2.1x the XLA path at H = 20-300: benchmarks/README.md.)
+  """
+  hidden = params["w_h"].shape[0]
+  pad = native.padded_units(hidden) - hidden
+  if not pad or xs.ndim != 3 or any(c.ndim != 2 for c in carry):
+    return None
+  wide = {name: _pad_units(params[name], gates, pad) for name in ("w_x", "w_h", "b")}
+  wide["w_h"] = jnp.pad(wide["w_h"], ((0, pad), (0, 0)))
+  if "b_hn" in params:
+    wide["b_hn"] = jnp.pad(params["b_hn"], (0, pad))
+  carry = tuple(jnp.pad(c, ((0, 0), (0, pad))) for c in carry)
+  if not native.usable(wide, xs, carry, matmul_dtype, batch_major):
+    return None
+  return wide, carry, hidden
+
+
 def _time_major(a, batch_major: bool):
   """``a [B, T, ...]`` as ``[T, B, ...]`` if ``batch_major`` (and back again)."""
   return jnp.swapaxes(a, 0, 1) if batch_major else a
@@ -288,7 +326,6 @@ def _keeps_batch_major(use_kernel: bool, batch_major: bool) -> bool:
   return use_kernel and batch_major
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False):
   """``(h_T, c_T, ys)`` of an LSTM over time-major ``xs [T, B, D]``.
 
@@ -305,6 +342,17 @@ def lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False
       four in a gradient; the XLA loops transpose them around time-major
       loops.
   """
+  padded = _padded(params, xs, (h0, c0), 4, matmul_dtype, batch_major)
+  if padded is None:
+    return _lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major)
+  wide, (h0, c0), hidden = padded
+  h, c, ys = _lstm_scan(wide, xs, h0, c0, valid, resets, matmul_dtype, batch_major)
+  return h[:, :hidden], c[:, :hidden], ys[..., :hidden]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _lstm_scan(params, xs, h0, c0, valid, resets, matmul_dtype, batch_major=False):
+  """:func:`lstm_scan` at the parameters' own hidden size."""
   def xla(params, xs, *rest):
     h, c, ys = _forward(params, _time_major(xs, batch_major), *rest, False, matmul_dtype)[0]
     return h, c, _time_major(ys, batch_major)
@@ -393,7 +441,7 @@ def _lstm_bwd(matmul_dtype, batch_major, residuals, cotangents):
   return _like(grads, params), dxs, dh0, dc0, None, None
 
 
-lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
+_lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +490,6 @@ def _gru_forward(params, xs, h0, valid, resets, save: bool, matmul_dtype):
   return (h, ys), saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major=False):
   """``(h_T, ys)`` of a reset-after GRU over time-major ``xs [T, B, D]``.
 
@@ -451,6 +498,17 @@ def gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major=False):
     xs, h0, valid, resets, matmul_dtype, batch_major: as for :func:`lstm_scan`
       (``h0`` is the carry).
   """
+  padded = _padded(params, xs, (h0,), 3, matmul_dtype, batch_major)
+  if padded is None:
+    return _gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major)
+  wide, (h0,), hidden = padded
+  h, ys = _gru_scan(wide, xs, h0, valid, resets, matmul_dtype, batch_major)
+  return h[:, :hidden], ys[..., :hidden]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gru_scan(params, xs, h0, valid, resets, matmul_dtype, batch_major=False):
+  """:func:`gru_scan` at the parameters' own hidden size."""
   def xla(params, xs, *rest):
     h, ys = _gru_forward(params, _time_major(xs, batch_major), *rest, False, matmul_dtype)[0]
     return h, _time_major(ys, batch_major)
@@ -530,4 +588,4 @@ def _gru_bwd(matmul_dtype, batch_major, residuals, cotangents):
   return _like(grads, params), dxs, dh0, None, None
 
 
-gru_scan.defvjp(_gru_fwd, _gru_bwd)
+_gru_scan.defvjp(_gru_fwd, _gru_bwd)

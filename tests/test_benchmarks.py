@@ -382,6 +382,21 @@ def test_short_calls(tmp_path):
   assert "kernel/XLA" in out
 
 
+@pytest.mark.skipif(native.status() != "ready", reason="padded_units.py times the native kernels")
+def test_padded_units(tmp_path):
+  payload, out = _run("padded_units", tmp_path)
+  rows = payload["results"]
+  assert [(r["cell"], r["H"], r["mode"]) for r in rows] == [
+      (c, h, m) for c in ("lstm", "gru") for h in payload["config"]["hidden"]
+      for m in ("train", "infer")]
+  for r in rows:
+    assert r["H"] % 16 and r["units"] == native.padded_units(r["H"]) == -(-r["H"] // 16) * 16
+    assert set(r["tokens_per_s"]) == {"padded", "xla"}
+    for s in (*r["tokens_per_s"].values(), r["padded_vs_xla"]):
+      _spread(s)
+  assert "| LSTM | 20 (32) | train |" in out  # the README table
+
+
 @pytest.mark.skipif(native.status() != "ready", reason="row_groups.py times the native kernels")
 def test_row_groups(tmp_path):
   payload, out = _run("row_groups", tmp_path, "--sizes", "16,32,16", "10,32,16")

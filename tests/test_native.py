@@ -357,9 +357,7 @@ def test_other_dtypes_keep_the_xla_path(kind, monkeypatch):
   as64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   assert not native.usable(as64(params), as64(xs), as64(carry), None)
   params, xs, *carry = _problem(4, 16, 5, 20, kind=kind)  # H = 20: no whole registers
-  assert not native.usable(params, xs, carry, None)
-  assert not any(t in _lowered(lambda *a: _scan(kind)(*a, None, None, None), params, xs, *carry)
-                 for t in TARGETS)
+  assert not native.usable(params, xs, carry, None)  # (the scans pad it: below)
   # Without AVX512_BF16, bfloat16 matmuls take the XLA path; asked of the
   # kernels directly, they say so.
   params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
@@ -368,6 +366,54 @@ def test_other_dtypes_keep_the_xla_path(kind, monkeypatch):
   with pytest.raises(ValueError, match="matmul_dtype must be None, float32, or bfloat16 on a CPU "
                                        "with AVX512_BF16; got 'bfloat16'"):
     KERNELS[kind](params, xs, *carry, matmul_dtype="bfloat16")
+
+
+def test_padded_units_are_whole_registers():
+  assert [native.padded_units(h) for h in (1, 16, 20, 32, 33, 100, 512)] == [
+      16, 16, 32, 32, 48, 112, 512]
+
+
+@pytest.mark.parametrize("h,matmul_dtype,batch_major", [
+    (20, None, True), (40, None, False), (100, None, True),
+    pytest.param(20, "bfloat16", True, marks=needs_bf16)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_hidden_sizes_off_whole_registers_run_padded_on_the_kernels(kind, h, matmul_dtype,
+                                                                    batch_major):
+  """H not a multiple of 16: the scans run the kernels on zero units added
+  to each gate block (native.padded_units), and give the XLA path's outputs,
+  final carry and gradients (parameters, inputs and initial carry), with
+  held and reset steps; in bfloat16, the XLA bfloat16 loops'."""
+  params, xs, *carry = _problem(6, 11, 7, h, kind=kind)
+  assert not native.usable(params, xs, carry, matmul_dtype)
+  xs = jnp.swapaxes(xs, 0, 1) if batch_major else xs
+  rng = np.random.default_rng(h)
+  valid, resets = rng.random((11, 6)) < 0.7, rng.random((11, 6)) < 0.2
+
+  def outputs_and_gradients(dtype):
+    run = lambda p, x, *c: _scan(kind)(p, x, *c, valid, resets, dtype, batch_major)
+    loss = lambda p, x, *c: sum(jnp.sum(jnp.sin(a)) for a in run(p, x, *c))
+    return run, jax.grad(loss, argnums=(0, 1, 2))
+
+  run, gradient = outputs_and_gradients(matmul_dtype)
+  lowered = _lowered(gradient, params, xs, *carry)
+  assert f"seqjax_{kind}_forward_saving" in lowered and f"seqjax_{kind}_reverse" in lowered
+  assert f"seqjax_{kind}_forward" in _lowered(run, params, xs, *carry)
+  both = lambda run, gradient: jax.jit(lambda *a: (run(*a), gradient(*a)))(params, xs, *carry)
+  got = both(run, gradient)
+  with native.disabled():
+    want = both(run, gradient)
+    f32 = both(*outputs_and_gradients(None))
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+  names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(want)]
+  for name, g, w, f in zip(names, *map(jax.tree.leaves, (got, want, f32))):
+    if matmul_dtype is None:
+      np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+    else:  # the XLA bfloat16 loops', float32 the yardstick
+      _close_to_xla_bf16(g, w, f, name)
+  # The held steps emit exact zeros, in the units the caller sees.
+  ys = np.asarray(got[0][-1])
+  held = ~valid.T if batch_major else ~valid
+  assert ys.shape[-1] == h and not np.any(ys[held])
 
 
 def _close_to_xla_bf16(got, want, f32, name):
@@ -802,14 +848,18 @@ def test_a_fresh_process_starts_its_workers_and_finishes():
 
 
 @pytest.mark.slow  # ~5 s each (the default suite's time budget)
+@pytest.mark.parametrize("h", [32, 20])
 @pytest.mark.parametrize("batch_major", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_second_derivatives_through_the_kernels_match_float64(kind, batch_major):
+def test_second_derivatives_through_the_kernels_match_float64(kind, batch_major, h):
   """Grad of grad in float32 where the kernels run: it differentiates the XLA
   loops (a kernel has no derivative of its own) instead of failing; on a
-  batch-major call's own layout too."""
-  params, xs, *carry = _problem(4, 16, 5, 32, kind=kind)
-  assert native.usable(params, xs, carry, None)
+  batch-major call's own layout too, and on units padded to whole registers
+  (H = 20)."""
+  params, xs, *carry = _problem(4, 16, 5, h, kind=kind)
+  assert native.usable(params, xs, carry, None) == (h % 16 == 0)
+  assert f"seqjax_{kind}_reverse" in _lowered(
+      jax.grad(lambda p: jnp.sum(_scan(kind)(p, xs, *carry, None, None, None)[-1] ** 2)), params)
   xs = jnp.swapaxes(xs, 0, 1) if batch_major else xs
   valid = np.arange(64).reshape(16, 4) % 5 != 2
   resets = np.eye(16, 4, 1, dtype=bool)

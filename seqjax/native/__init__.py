@@ -16,7 +16,9 @@ a stacked LSTM or GRU language model's tokens, every step in one call (the
 char-LM's sampler), also with
 ``matmul_dtype="int8"`` where the CPU has AVX512_VNNI (as
 :func:`seqjax.fused.int8_matmul`, exact integer sums). The forward and
-reverse loops do not run int8: an int8 cell runs on the XLA path.
+reverse loops do not run int8: an int8 cell runs on the XLA path. A hidden
+size that is not a whole number of registers (16 units) runs on
+:func:`padded_units` units, the rest zero (:mod:`seqjax.fused` pads them).
 
 The kernels are compiled with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) for this machine's CPU the first time they are needed, and cached
@@ -263,6 +265,14 @@ def partitions(hidden: int, cores: int | None = None) -> int | None:
     if hidden % (_LANES * p) == 0 and (p == 1 or hidden // p >= _MIN_UNITS):
       return p
   return 1
+
+
+def padded_units(hidden: int) -> int:
+  """The hidden size the kernels run a cell of ``hidden`` units at: the next
+  whole number of AVX-512 registers (16 units). :mod:`seqjax.fused` runs a
+  cell of any other size on the kernels with the rest as units that stay zero
+  (``benchmarks/README.md``: 1.2-2.1x the XLA path at H = 20-300)."""
+  return -(-hidden // _LANES) * _LANES
 
 
 def row_groups(batch: int, weights: int, cores: int | None = None) -> int:
@@ -664,5 +674,6 @@ def _sample(target, gates, carries, table, args, head, logits, noise, temperatur
 
 
 __all__ = ["status", "usable", "disabled", "build_variant", "variant", "threads", "partitions",
-           "row_groups", "reuse_freed_memory", "lstm_forward", "lstm_reverse", "gru_forward",
-           "gru_reverse", "outer_sum", "sample_usable", "lstm_sample", "gru_sample"]
+           "padded_units", "row_groups", "reuse_freed_memory", "lstm_forward", "lstm_reverse",
+           "gru_forward", "gru_reverse", "outer_sum", "sample_usable", "lstm_sample",
+           "gru_sample"]
