@@ -258,7 +258,7 @@ def _forward(params, xs, h0, c0, valid, resets, save: bool, matmul_dtype):
   return (h, c, ys), saved
 
 
-def _pad_units(a, gates: int, pad: int):
+def pad_units(a, gates: int, pad: int):
   """``a [..., gates H]`` with ``pad`` zero columns after each gate block's H."""
   *lead, n = a.shape
   blocks = a.reshape(*lead, gates, n // gates)
@@ -266,28 +266,39 @@ def _pad_units(a, gates: int, pad: int):
   return blocks.reshape(*lead, gates * (n // gates + pad))
 
 
-def _padded(params, xs, carry, gates: int, matmul_dtype, batch_major: bool):
-  """``(params, carry, H)`` widened by zero units to :func:`seqjax.native.padded_units`,
-  where the native kernels run the wider call and not this one (H not a
-  whole number of registers), else ``None``.
+def widen(params, gates: int, pad: int, input_pad: int = 0):
+  """An LSTM's or reset-after GRU's ``params`` with ``pad`` more hidden units,
+  all zero: zero columns after each of the ``gates`` blocks of w_x, w_h and
+  b, zero rows of w_h (and ``input_pad`` of w_x, for inputs widened so too:
+  a stacked layer's), and b_hn's. Units added so, from a zero carry, stay
+  zero: their pre-activations are 0, so an LSTM's c and h stay 0 (c = 0.5 c
+  + 0.5 tanh(0), h = 0.5 tanh(c)) and a GRU's h (n = tanh(0), h = 0.5 n +
+  0.5 h); and they add nothing to the others' (zero rows of w_h)."""
+  wide = {name: pad_units(params[name], gates, pad) for name in ("w_x", "w_h", "b")}
+  wide["w_x"] = jnp.pad(wide["w_x"], ((0, input_pad), (0, 0)))
+  wide["w_h"] = jnp.pad(wide["w_h"], ((0, pad), (0, 0)))
+  if "b_hn" in params:
+    wide["b_hn"] = jnp.pad(params["b_hn"], (0, pad))
+  return wide
 
-  The added units start at zero and stay there: their pre-activations are 0
-  (zero columns of w_x, w_h and the biases), so an LSTM's c and h stay 0
-  (c = 0.5 c + 0.5 tanh(0), h = 0.5 tanh(c)) and a GRU's h (n = tanh(0),
-  h = 0.5 n + 0.5 h); and they add nothing to the others' (zero rows of
-  w_h). The caller slices H units off the results; their gradients, the
-  transposes of the pad and the slice, reach only the parameters' own
-  entries. (1.2-2.1x the XLA path at H = 20-300: benchmarks/README.md.)
-  """
+
+def pad_carry(carry, pad: int):
+  """Each [B, H] array of ``carry`` (a pytree) with ``pad`` zero units after its H."""
+  return jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, pad))), carry)
+
+
+def _padded(params, xs, carry, gates: int, matmul_dtype, batch_major: bool):
+  """``(params, carry, H)`` widened (:func:`widen`) to
+  :func:`seqjax.native.padded_units`, where the native kernels run the wider
+  call and not this one (H not a whole number of registers), else ``None``.
+  The caller slices H units off the results; their gradients, the transposes
+  of the pad and the slice, reach only the parameters' own entries.
+  (1.4-2.2x the XLA path at H = 20-300: benchmarks/README.md.)"""
   hidden = params["w_h"].shape[0]
   pad = native.padded_units(hidden) - hidden
   if not pad or xs.ndim != 3 or any(c.ndim != 2 for c in carry):
     return None
-  wide = {name: _pad_units(params[name], gates, pad) for name in ("w_x", "w_h", "b")}
-  wide["w_h"] = jnp.pad(wide["w_h"], ((0, pad), (0, 0)))
-  if "b_hn" in params:
-    wide["b_hn"] = jnp.pad(params["b_hn"], (0, pad))
-  carry = tuple(jnp.pad(c, ((0, 0), (0, pad))) for c in carry)
+  wide, carry = widen(params, gates, pad), pad_carry(carry, pad)
   if not native.usable(wide, xs, carry, matmul_dtype, batch_major):
     return None
   return wide, carry, hidden

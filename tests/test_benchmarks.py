@@ -386,15 +386,18 @@ def test_short_calls(tmp_path):
 def test_padded_units(tmp_path):
   payload, out = _run("padded_units", tmp_path)
   rows = payload["results"]
+  config = payload["config"]
   assert [(r["cell"], r["H"], r["mode"]) for r in rows] == [
-      (c, h, m) for c in ("lstm", "gru") for h in payload["config"]["hidden"]
-      for m in ("train", "infer")]
+      (c, h, m) for c in ("lstm", "gru") for h in config["hidden"]
+      for m in ("train", "infer", *(f"sample, batch {b}" for b in config["sample_batches"]))]
   for r in rows:
     assert r["H"] % 16 and r["units"] == native.padded_units(r["H"]) == -(-r["H"] // 16) * 16
     assert set(r["tokens_per_s"]) == {"padded", "xla"}
     for s in (*r["tokens_per_s"].values(), r["padded_vs_xla"]):
       _spread(s)
-  assert "| LSTM | 20 (32) | train |" in out  # the README table
+    if r["mode"].startswith("sample"):  # the same noise: the same tokens, ties apart
+      assert r["T"] == config["sample_length"] and 0.9 <= r["same_tokens"] <= 1
+  assert "| LSTM | 20 (32) | train |" in out and "| GRU | 20 (32) | sample, batch 2 |" in out
 
 
 @pytest.mark.skipif(native.status() != "ready", reason="row_groups.py times the native kernels")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from seqjax import cells as cells_lib
-from seqjax import decoding, losses, native
+from seqjax import decoding, fused, losses, native
 from seqjax.data import text
 from seqjax.nn import StackedRNN
 
@@ -212,7 +212,10 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
   leaves the kernel, and each core keeps its share of the weights in its
   cache. It adds the noise :func:`seqjax.decoding.generate` adds, so it draws
   the same tokens (unless two logits round the other way: float32 sums in
-  another order). Anything else runs :func:`seqjax.decoding.generate`.
+  another order). A hidden size that is not a whole number of the kernel's
+  registers (16 units) runs on :func:`seqjax.native.padded_units` units, the
+  added ones zero throughout (:func:`seqjax.fused.widen`). Anything else runs
+  :func:`seqjax.decoding.generate`.
 
   Args and returns: as :func:`seqjax.decoding.generate` (``carry`` from
   ``decode_step``, not ``None``).
@@ -233,11 +236,20 @@ def generate(module: CharLM, params, carry, logits, key, length: int, *, start: 
     noise = noise.at[..., -1].set(-jnp.inf)  # the unknown character, as decode_step bans it
     matmul_dtype = stack[0].matmul_dtype
     table = stack[0].project(layers[0], params["embed"])  # [V, G H]
-    if native.sample_usable(table, layers, head, carry, noise, matmul_dtype):
+    states = tuple((c.h, c.c) for c in carry) if lstm else tuple(carry)
+    gates, hidden = (4 if lstm else 3), layers[0]["w_h"].shape[0]
+    pad = native.padded_units(hidden) - hidden
+    if pad:  # whole registers for the kernel, the added units zero (fused.widen)
+      table = fused.pad_units(table, gates, pad)
+      layers = [fused.widen(p, gates, pad, input_pad=pad * (l > 0)) for l, p in enumerate(layers)]
+      head = (jnp.pad(head[0], ((0, pad), (0, 0))), head[1])
+      states = fused.pad_carry(states, pad)
+    if native.sample_usable(table, layers, head, states, noise, matmul_dtype):
       sample = native.lstm_sample if lstm else native.gru_sample
-      carry, logits, tokens = sample(table, layers, head, carry, logits, noise, temperature,
-                                     matmul_dtype)
-      carry = tuple(cells_lib.LSTMCarry(h, c) for h, c in carry) if lstm else tuple(carry)
+      states, logits, tokens = sample(table, layers, head, states, logits, noise, temperature,
+                                      matmul_dtype)
+      states = [tuple(a[:, :hidden] for a in s) if lstm else s[:, :hidden] for s in states]
+      carry = tuple(cells_lib.LSTMCarry(h, c) for h, c in states) if lstm else tuple(states)
       return carry, logits.at[:, -1].set(-jnp.inf), tokens
   return decoding.generate(decode_step(module), params, carry, logits, key, length, start=start,
                            temperature=temperature, top_k=top_k, top_p=top_p)

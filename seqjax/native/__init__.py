@@ -271,7 +271,7 @@ def padded_units(hidden: int) -> int:
   """The hidden size the kernels run a cell of ``hidden`` units at: the next
   whole number of AVX-512 registers (16 units). :mod:`seqjax.fused` runs a
   cell of any other size on the kernels with the rest as units that stay zero
-  (``benchmarks/README.md``: 1.2-2.1x the XLA path at H = 20-300)."""
+  (``benchmarks/README.md``: 1.4-2.2x the XLA path at H = 20-300)."""
   return -(-hidden // _LANES) * _LANES
 
 

@@ -176,6 +176,10 @@ def test_needs_a_vocabulary():
     (dict(hidden_size=32), dict(top_k=5), False),       # top-k: decoding.generate
     (dict(hidden_size=32, cell="gru"), dict(), True),
     (dict(hidden_size=64, cell="gru", num_layers=1), dict(temperature=0.0), True),
+    # H off whole registers: the kernel on zero-padded units (two layers)
+    (dict(hidden_size=20), dict(temperature=0.8), True),
+    (dict(hidden_size=20, embed_size=20, tie_weights=True), dict(temperature=0.0), True),
+    (dict(hidden_size=40, cell="gru"), dict(), True),
     (dict(hidden_size=32, cell="elman"), dict(), False),  # no sampling kernel
     (dict(hidden_size=32, cell="gru", reset_after=False), dict(), False),  # nor for this GRU
 ])
