@@ -311,9 +311,10 @@ def test_batch_major_scans_skip_the_transposes_and_keep_values_and_gradients(kin
     {"resets": np.eye(4, 18, 3, dtype=bool) | np.eye(4, 18, 11, dtype=bool),
      "lengths": np.array([18, 7, 16, 3]), "reverse": True},
 ])
+@pytest.mark.parametrize("h", [64, 20])  # 20: on units padded to 32
 @pytest.mark.parametrize("kind", KINDS)
-def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(kind, options):
-  cell = CELLS[kind](64)
+def test_scan_uses_the_kernel_in_float32_and_matches_the_reference(kind, options, h):
+  cell = CELLS[kind](h)
   params = cell.init(jax.random.key(0), 6, jnp.float32)
   xs = jax.random.normal(jax.random.key(1), (4, 18, 6), jnp.float32)
   carry = jax.tree.map(lambda z: jax.random.normal(jax.random.key(2), z.shape, z.dtype),
