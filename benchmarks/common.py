@@ -96,9 +96,54 @@ def matmul_peak_run(n: int) -> Callable[[], object]:
 
 def pop_peak(per_round: dict, tokens: int, n: int, name: str = "peak") -> list[float]:
   """Removes the :func:`matmul_peak_run` entry ``name`` from the result of
+  :func:`interleaved_rounds` and returns its FLOP/s, one per round."""
+  return pop_flops(per_round, tokens, 2 * n ** 3, name)
+
+
+def pop_flops(per_round: dict, tokens: int, flops: float, name: str) -> list[float]:
+  """Removes entry ``name``, a call doing ``flops`` FLOPs, from the result of
   :func:`interleaved_rounds` and returns its FLOP/s, one per round (its
   "tokens/s" there is calls/s times ``tokens``)."""
-  return [x / tokens * 2 * n ** 3 for x in per_round.pop(name)]
+  return [x / tokens * flops for x in per_round.pop(name)]
+
+
+def fma_ceiling_run(threads: int, seconds: float = 0.1):
+  """``(call, flops)``: a blocking call that runs ``fma_ceiling.cc`` on
+  ``threads`` threads for about ``seconds``, and the FLOPs it does; or a
+  string saying why it cannot run here.
+
+  ``fma_ceiling.cc`` is nothing but independent float32 fused multiply-adds
+  as wide as the CPU's vectors, so its rate is the cores' ceiling: no
+  matmul multiplies faster on them. Timed in the same rounds as a
+  benchmark's contenders (as :func:`matmul_peak_run` is), it says how close
+  each one runs to the hardware, and whether a speed target is within it. It
+  is built as :mod:`seqjax.native`'s kernels are (the same compiler, flags
+  and cache), but on any CPU: without AVX-512 it runs AVX2, or scalar FMAs.
+  """
+  import ctypes  # noqa: PLC0415
+
+  from seqjax import native  # noqa: PLC0415 - the kernels' own compiler and cache
+
+  compiler = native._compiler()  # noqa: SLF001
+  if compiler is None:
+    return "no C++ compiler found ($CXX, g++ or c++) to build benchmarks/fma_ceiling.cc"
+  try:
+    library = ctypes.CDLL(str(native._build(compiler, HERE / "fma_ceiling.cc")))  # noqa: SLF001
+  except (OSError, RuntimeError) as e:
+    return f"benchmarks/fma_ceiling.cc did not build: {e}"
+  library.seqjax_fma_flops.restype = ctypes.c_double
+  library.seqjax_fma_flops.argtypes = [ctypes.c_int, ctypes.c_long]
+  iterations = 1 << 16
+  while True:  # long enough to time: about `seconds`
+    start = time.perf_counter()
+    library.seqjax_fma_flops(threads, iterations)
+    took = time.perf_counter() - start
+    if took >= seconds / 4:
+      break
+    iterations *= 4
+  iterations = max(1, round(iterations * seconds / took))
+  flops = library.seqjax_fma_flops(threads, 1) * iterations
+  return lambda: library.seqjax_fma_flops(threads, iterations), flops
 
 
 def loss(ys):

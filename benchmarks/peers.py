@@ -39,6 +39,13 @@ FLOPs counted per token are the layer's matmuls only: 2 (D + H) G H forward
 the forward, the carry gradient (2 H G H) and the weight gradients
 (2 (D + H) G H), not the input gradient (:func:`flops_per_token`); the gate
 arithmetic is not counted.
+
+On CPU the rounds also time the cores' ceiling, nothing but independent
+float32 fused multiply-adds on every core (``common.fma_ceiling_run``): every
+contender's rate is given as a fraction of it too, and each ratio row says
+what fraction of it seqjax's step would run at if it were :data:`TARGET`
+times that peer (the speed issue's target against torch): above 1, no
+float32 matmul on these cores reaches the target.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ CELLS = ("lstm", "gru")
 MODES = ("train", "infer")
 LR = 0.01
 PEAK_N, QUICK_PEAK_N = 2048, 64  # the peak matmul's size: N x N times N x N
+TARGET = 1.25  # the speed issue's target: seqjax's tokens/s over torch's
 GATES = {"lstm": 4, "gru": 3}
 
 
@@ -276,41 +284,58 @@ def unavailable(name) -> str | None:
   return None
 
 
-def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n):
+def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n, ceiling=None):
   """Interleaved rounds; returns result rows (one per contender), ratio rows
-  and the peak row (the matmul timed in the same rounds). A contender without
-  this cell (``cudnn`` for the GRU) is left out of the group."""
+  and the peak row (the matmul timed in the same rounds; with ``ceiling``, a
+  ``common.fma_ceiling_run`` pair, the cores' ceiling too). A contender
+  without this cell (``cudnn`` for the GRU) is left out of the group."""
   runs = {name: CONTENDERS[name](cell_name, size, mode) for name in contenders}
   runs = {name: run for name, run in runs.items() if run is not None}
   runs["peak"] = common.matmul_peak_run(peak_n)
+  if ceiling is not None:
+    runs["ceiling"] = ceiling[0]
   tokens = size["B"] * size["T"]
   per_round = common.interleaved_rounds(runs, tokens, rounds, calls)
   peak = common.pop_peak(per_round, tokens, peak_n)  # FLOP/s per round
+  top = None if ceiling is None else common.pop_flops(per_round, tokens, ceiling[1], "ceiling")
   flops = flops_per_token(cell_name, size, mode)
   key = dict(cell=cell_name, size=size_name, mode=mode, **size)
+
+  def fractions(tps, of):  # each round's matmul rate over that round's `of`
+    return common.spread([x * flops / p for x, p in zip(tps, of)])
   rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps,
                gflops=common.spread([x * flops / 1e9 for x in tps]),
-               fraction_of_peak=common.spread([x * flops / p for x, p in zip(tps, peak)]))
+               fraction_of_peak=fractions(tps, peak),
+               **({} if top is None else {"fraction_of_ceiling": fractions(tps, top)}))
           for name, tps in per_round.items()]
-  rows.append(dict(key, peak_matmul=peak_n, gflops=common.spread([p / 1e9 for p in peak])))
+  rows.append(dict(key, peak_matmul=peak_n, gflops=common.spread([p / 1e9 for p in peak]),
+                   **({} if top is None else {
+                       "ceiling_gflops": common.spread([c / 1e9 for c in top]),
+                       "ceiling_rounds": [c / 1e9 for c in top]})))
   ratios = [dict(key, vs=name, ratio=common.spread(
-                 [a / b for a, b in zip(per_round["seqjax"], per_round[name])]))
+                 [a / b for a, b in zip(per_round["seqjax"], per_round[name])]),
+                 # seqjax's rate, were it TARGET times this peer's, over the ceiling
+                 **({} if top is None else {"ceiling_at_target": fractions(
+                     [TARGET * x for x in per_round[name]], top)}))
             for name in per_round if name != "seqjax" and "seqjax" in per_round]
   return rows, ratios
 
 
 def markdown(results) -> str:
   """The README table: tokens/s medians, seqjax's paired ratio to each peer,
-  and seqjax's and torch's matmul rate as a fraction of the measured peak."""
+  seqjax's and torch's matmul rate as a fraction of the measured peak, and
+  (where the run timed it) of the cores' FMA ceiling, with the fraction of
+  it seqjax would run at :data:`TARGET` times torch."""
   rows = [r for r in results if "contender" in r]
-  ratios = {(r["cell"], r["size"], r["mode"], r["vs"]): r["ratio"] for r in results
-            if "vs" in r}
+  ratios = {(r["cell"], r["size"], r["mode"], r["vs"]): r for r in results if "vs" in r}
   present = {r["contender"] for r in rows}
   peers = [c for c in CONTENDERS if c != "seqjax" and c in present]
+  ceiling = any("fraction_of_ceiling" in r for r in rows)
   head = ("| cell | size | mode | seqjax tok/s | "
           + " | ".join(f"{p} tok/s (seqjax ×)" for p in peers)
-          + " | % of matmul peak: seqjax, torch |")
-  lines = [head, "|" + "---|" * (5 + len(peers))]
+          + " | % of matmul peak: seqjax, torch |"
+          + (f" % of FMA ceiling: seqjax, torch ({TARGET}× torch) |" if ceiling else ""))
+  lines = [head, "|" + "---|" * (5 + len(peers) + ceiling)]
   keys = sorted({(r["cell"], r["size"], r["mode"]) for r in rows})
   for cell_name, size_name, mode in keys:
     by = {r["contender"]: r for r in rows
@@ -320,14 +345,19 @@ def markdown(results) -> str:
     cellsx = [f"{by['seqjax']['tokens_per_s']['median'] / 1e3:.1f}k"]
     for p in peers:
       if p in by:
-        ratio = ratios[(cell_name, size_name, mode, p)]
+        ratio = ratios[(cell_name, size_name, mode, p)]["ratio"]
         cellsx.append(f"{by[p]['tokens_per_s']['median'] / 1e3:.1f}k "
                       f"({ratio['median']:.2f}, {ratio['min']:.2f}–{ratio['max']:.2f})")
       else:
         cellsx.append("—")
-    cellsx.append(", ".join(f"{by[c]['fraction_of_peak']['median']:.0%}"
-                            if c in by and "fraction_of_peak" in by[c] else "—"
-                            for c in ("seqjax", "torch")))
+
+    def percents(key):
+      return ", ".join(f"{by[c][key]['median']:.0%}" if c in by and key in by[c] else "—"
+                       for c in ("seqjax", "torch"))
+    cellsx.append(percents("fraction_of_peak"))
+    if ceiling:
+      at = ratios.get((cell_name, size_name, mode, "torch"), {}).get("ceiling_at_target")
+      cellsx.append(percents("fraction_of_ceiling") + (f" ({at['median']:.0%})" if at else ""))
     lines.append(f"| {cell_name.upper()} | {label} | {mode} | " + " | ".join(cellsx) + " |")
   return "\n".join(lines)
 
@@ -394,24 +424,40 @@ def main(argv=None):
   cell_names, modes, sizes = groups(parser, args)
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
+  ceiling = _ceiling(0.01 if args.quick else 0.1)
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
                 peak_matmul=peak_n, backend=backend(), precision=_precision(contenders),
                 seqjax_native=native.status(), fused_loop_unroll=fused._unroll(),
-                reuse_freed_memory=reuse)
+                reuse_freed_memory=reuse, target=TARGET,
+                fma_ceiling=ceiling if isinstance(ceiling, str) else "timed in every round")
   results = []
   for cell_name in cell_names:
     for size_name, size in sizes.items():
       for mode in modes:
         rows, ratios = measure(cell_name, size_name, size, mode, contenders, rounds, calls,
-                               peak_n)
+                               peak_n, None if isinstance(ceiling, str) else ceiling)
         results += rows + ratios
         summary = ", ".join(
             f"{r['contender']} {r['tokens_per_s']['median'] / 1e3:.1f}k "
             f"({r['fraction_of_peak']['median']:.0%})" for r in rows if "contender" in r)
+        top = rows[-1].get("ceiling_gflops")
         print(f"{cell_name} ({size_name}) {mode}: {summary} tokens/s (% of the matmul "
-              f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s)", flush=True)
+              f"peak, {rows[-1]['gflops']['median']:.0f} GFLOP/s"
+              + (f"; FMA ceiling {top['median']:.0f} GFLOP/s)" if top else ")"), flush=True)
         common.write(args.out, results_name(), config, results)  # a run cut short keeps these
   print(common.readme_table(results_name(), markdown, results, update=args.update_readme))
+
+
+def _ceiling(seconds: float):
+  """``common.fma_ceiling_run``'s pair on all the cores (calls of about
+  ``seconds``), or why there is none: on a GPU the CPU's ceiling bounds
+  nothing timed."""
+  if backend() != "cpu":
+    return f"not timed: the contenders run on {backend()}, not on these cores"
+  ceiling = common.fma_ceiling_run(common.environment()["cpu_count"], seconds)
+  if isinstance(ceiling, str):
+    print(f"peers.py: no FMA ceiling in this run: {ceiling}", flush=True)
+  return ceiling
 
 
 def _precision(contenders) -> dict:

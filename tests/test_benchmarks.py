@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,41 @@ def test_peers(tmp_path):
     _spread(r["ratio"])
   assert "| LSTM | (q) B4 T16 D=H=8 | train |" in out  # the README table
   assert "% of matmul peak: seqjax, torch |" in out
+  # The cores' FMA ceiling, timed in the same rounds: every contender's
+  # fraction of it, and the fraction seqjax would run at TARGET times a peer.
+  assert payload["config"]["fma_ceiling"] == "timed in every round"
+  assert payload["config"]["target"] == 1.25
+  for r in peaks:
+    _spread(r["ceiling_gflops"])
+    assert len(r["ceiling_rounds"]) == payload["config"]["rounds"]
+  for r in rows:
+    _spread(r["fraction_of_ceiling"])
+  peers = _bench_module("peers")
+  for r in ratios:
+    # Round by round: 1.25 times the peer's matmul rate, over the ceiling.
+    peer = next(p for p in rows if (p["cell"], p["mode"], p["contender"]) ==
+                (r["cell"], r["mode"], r["vs"]))
+    ceiling = next(p for p in peaks if (p["cell"], p["mode"]) == (r["cell"], r["mode"]))
+    flops = peers.flops_per_token(r["cell"], dict(D=8, H=8), r["mode"])
+    want = [1.25 * x * flops / (c * 1e9) for x, c in zip(peer["rounds"], ceiling["ceiling_rounds"])]
+    assert r["ceiling_at_target"] == pytest.approx(
+        dict(median=statistics.median(want), min=min(want), max=max(want)), rel=1e-9)
+  assert "% of FMA ceiling: seqjax, torch (1.25× torch) |" in out
+
+
+def test_fma_ceiling_runs_on_every_thread_or_says_why_not(monkeypatch):
+  """common.fma_ceiling_run builds fma_ceiling.cc as the kernels are built and
+  returns a call and the FLOPs it does: 2 per lane of each of 12 chains, per
+  iteration, on each thread; with no compiler, one line saying so."""
+  common = _bench_module("common")
+  lanes = 16 if "avx512f" in native._cpu_flags() else 1  # floats a multiply-add (at least 1)
+  for threads in (1, 2):
+    run, flops = common.fma_ceiling_run(threads, seconds=0.002)
+    assert _positive(flops) and flops % (2 * 12 * lanes * threads) == 0
+    run()
+  monkeypatch.setattr(native, "_compiler", lambda: None)
+  assert common.fma_ceiling_run(2) == (
+      "no C++ compiler found ($CXX, g++ or c++) to build benchmarks/fma_ceiling.cc")
 
 
 def test_peers_table_replaces_only_its_block(tmp_path):
