@@ -55,9 +55,6 @@ __attribute__((noinline)) float chains(long iterations) {
 
 extern "C" {
 
-// Floats per fused multiply-add: 16 (AVX-512), 8 (AVX2), 1 (scalar).
-int seqjax_fma_lanes() { return kLanes; }
-
 // Runs `iterations` rounds of the chains on each of `threads` threads (the
 // caller one of them) and returns the FLOPs done (a multiply-add counts 2).
 double seqjax_fma_flops(int threads, long iterations) {
