@@ -136,14 +136,14 @@ def fma_ceiling_run(threads: int, seconds: float = 0.1):
   iterations = 1 << 16
   while True:  # long enough to time: about `seconds`
     start = time.perf_counter()
-    library.seqjax_fma_flops(threads, iterations)
+    flops = library.seqjax_fma_flops(threads, iterations)
     took = time.perf_counter() - start
     if took >= seconds / 4:
       break
     iterations *= 4
+  per_iteration = flops / iterations
   iterations = max(1, round(iterations * seconds / took))
-  flops = library.seqjax_fma_flops(threads, 1) * iterations
-  return lambda: library.seqjax_fma_flops(threads, iterations), flops
+  return lambda: library.seqjax_fma_flops(threads, iterations), per_iteration * iterations
 
 
 def loss(ys):
