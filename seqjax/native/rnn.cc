@@ -57,8 +57,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 // exp(x) for x in [-88, 88]: 2^n * e^r, |r| <= ln(2)/2, degree-7 Taylor.
+// x is clamped there first, a NaN left a NaN: min and max return their second
+// operand where either is NaN, so x goes second.
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-88.f), _mm512_min_ps(_mm512_set1_ps(88.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 hi
