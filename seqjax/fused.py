@@ -87,9 +87,11 @@ INT8_NO_GRADIENT = ("matmul_dtype='int8' is for inference: its rounding has no g
 
 
 def _int8_scales(x, axis):
-  """Scales putting ``x``'s largest magnitude along ``axis`` at 127 (1 where it is 0)."""
+  """Scales putting ``x``'s largest magnitude along ``axis`` at 127 (1 where it
+  is 0; NaN where ``x`` holds a NaN, so the product is NaN, not a NaN rounded
+  to an integer)."""
   top = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-  return jnp.where(top > 0, top / 127, jnp.ones_like(top))
+  return jnp.where(top == 0, jnp.ones_like(top), top / 127)
 
 
 @jax.custom_vjp

@@ -150,6 +150,17 @@ def test_int8_matmul_is_the_stated_quantization():
     jax.grad(lambda w: fused.int8_matmul(a, w).sum())(w)
 
 
+def test_int8_matmul_keeps_a_nan():
+  """A NaN in a row of a (a column of w) makes that row (column) of the
+  product NaN and nothing else: the NaN gives its row's scale, not a scale
+  of 1 with the NaN rounded to an integer."""
+  a = jax.random.normal(jax.random.key(0), (5, 40), jnp.float32).at[2, 9].set(jnp.nan)
+  w = jax.random.normal(jax.random.key(1), (40, 24), jnp.float32).at[4, 7].set(jnp.nan)
+  want = np.zeros((5, 24), bool)
+  want[2, :] = want[:, 7] = True
+  np.testing.assert_array_equal(np.isnan(np.asarray(jax.jit(fused.int8_matmul)(a, w))), want)
+
+
 @pytest.mark.parametrize("make", [cells.LSTM, cells.GRU, cells.Elman],
                          ids=["lstm", "gru", "elman"])
 def test_int8_cells_run_forward_on_every_path_and_refuse_gradients(make):

@@ -1141,6 +1141,32 @@ def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None, kind="lstm"
   return got, want
 
 
+
+@pytest.mark.parametrize("matmul_dtype", [None, pytest.param("bfloat16", marks=needs_bf16),
+                                          pytest.param("int8", marks=needs_vnni)])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_sampling_kernel_spreads_a_nan_as_generate_does(kind, matmul_dtype):
+  """A NaN in one row's carry makes that row's carry and logits NaN, and no
+  other row's, as in XLA's sampler (int8: the row's scale is NaN there)."""
+  cell, params, embed, head = _sampling_model(64, 17, 2, matmul_dtype, kind=kind)
+  b, v = 4, 17
+  carry = [tuple(0.5 * jax.random.normal(jax.random.key(10 + i), (b, 64), jnp.float32)
+                 for i in (2 * l, 2 * l + 1)) for l in range(2)]
+  carry[0] = (carry[0][0].at[1, 5].set(jnp.nan), carry[0][1])
+  if kind == "gru":
+    carry = [h for h, _ in carry]
+  logits, key = jax.random.normal(jax.random.key(5), (b, v), jnp.float32), jax.random.key(3)
+  want = jax.jit(_reference_sample, static_argnums=(0, 7, 8))(
+      cell, params, embed, head, carry, logits, key, 8, 1.0)
+  noise = decoding.gumbel_noise(key, (b, v), 8, temperature=1.0)
+  got = jax.jit(SAMPLERS[kind][1], static_argnums=(6, 7))(
+      cell.project(params[0], embed), params, head, carry, logits, noise, 1.0, matmul_dtype)
+  for g, w in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2]), strict=True):
+    rows = np.isnan(np.asarray(w)).any(axis=-1)
+    assert rows.tolist() == [False, True, False, False]
+    np.testing.assert_array_equal(np.isnan(np.asarray(g)), np.isnan(np.asarray(w)))
+  np.testing.assert_array_equal(np.asarray(got[2])[[0, 2, 3]], np.asarray(want[2])[[0, 2, 3]])
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("h,v,layers,b,t,temperature,matmul_dtype", [
     (32, 11, 1, 3, 20, 1.0, None),           # one partition

@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -332,10 +333,17 @@ inline __m512 dot_quads(__m512 acc, __m512, __m512) { return acc; }
 #endif
 
 // The scale putting the largest of 16 magnitudes `top` at 127 (1 where it
-// is 0), in every lane.
+// is 0; NaN where it is NaN, so a NaN reaches the product), in every lane.
 inline __m512 int8_scale(__m512 top) {
-  const __mmask16 nonzero = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_NEQ_UQ);
   return _mm512_mask_div_ps(_mm512_set1_ps(1.f), nonzero, top, _mm512_set1_ps(127.f));
+}
+
+// max(top, |v|) lane by lane, a NaN in either kept (max alone returns its
+// second operand where either is NaN).
+inline __m512 max_magnitude(__m512 top, __m512 v) {
+  const __m512 m = _mm512_abs_ps(v);
+  return _mm512_mask_mov_ps(_mm512_max_ps(m, top), _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q), m);
 }
 
 // b + (acc - corr) (s_a s_w), for a panel's int32 sums acc, its q (above)
@@ -358,9 +366,11 @@ const float* as_quads(long B, const float* a, long K, float* out, float* scales)
     const float* from = a + r * K;
     __m512 top = _mm512_setzero_ps();
     for (long k = 0; k < K; k += 16) {
-      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), from + k)));
+      top = max_magnitude(top, _mm512_maskz_loadu_ps(first_lanes(K - k), from + k));
     }
-    const __m512 scale = int8_scale(_mm512_set1_ps(_mm512_reduce_max_ps(top)));
+    const bool nan = _mm512_cmp_ps_mask(top, top, _CMP_UNORD_Q) != 0;  // reduce_max would drop it
+    const __m512 scale = int8_scale(
+        _mm512_set1_ps(nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(top)));
     scales[r] = _mm512_cvtss_f32(scale);
     uint8_t* to = reinterpret_cast<uint8_t*>(out + r * Q);
     for (long k = 0; k < K; k += 16) {
@@ -380,7 +390,7 @@ const float* as_quads(long B, const float* a, long K, float* out, float* scales)
 template <class Row>
 float* panel_int8(long K, const Row& row, float* to, float* q) {
   __m512 top = _mm512_setzero_ps();
-  for (long k = 0; k < K; ++k) top = _mm512_max_ps(top, _mm512_abs_ps(row(k)));
+  for (long k = 0; k < K; ++k) top = max_magnitude(top, row(k));
   const __m512 scale = int8_scale(top);
   __m512i colsum = _mm512_setzero_si512();
   for (long k = 0; k < K; k += 4) {
