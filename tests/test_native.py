@@ -68,6 +68,16 @@ def _lowered(f, *args):
   return jax.jit(f).lower(*args).as_text()
 
 
+def _xla_path(f, *args):
+  """``f`` compiled on the XLA path for ``args``: traced inside
+  ``native.disabled()`` from a function of its own (jit keeps a function's
+  first trace, which may be the kernels'), and checked to call no kernel."""
+  with native.disabled():
+    lowered = jax.jit(lambda *a: f(*a)).lower(*args)
+  assert "@seqjax_" not in lowered.as_text()
+  return lowered.compile()
+
+
 def _training_problem(kind, matmul_dtype=None):
   """``(params, xs, options, loss)``: a sum of squared outputs through
   ``seqjax.scan`` with resets and lengths, for the training tests."""
@@ -484,10 +494,7 @@ def test_bfloat16_matmul_cells_train_on_the_kernels_like_the_xla_path(kind):
   assert "bf16 = true" in lowered
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
   got = jax.jit(value_and_grads)(params, xs)
-  with native.disabled():  # a function of its own: jit keeps a function's first trace
-    xla = jax.jit(lambda p, x: value_and_grads(p, x)).lower(params, xs)
-  assert "@seqjax_" not in xla.as_text()  # no kernel called
-  want = xla.compile()(params, xs)
+  want = _xla_path(value_and_grads, params, xs)(params, xs)
   f32_loss = _training_problem(kind)[-1]  # the same problem, float32 matmuls
   f32 = jax.value_and_grad(f32_loss, argnums=(0, 1))(params, xs)
   for g, w, f in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(f32)):
@@ -719,10 +726,7 @@ def test_a_nan_spreads_as_on_the_xla_path(kind):
   outputs = lambda p, x: seqjax.scan(cell, p, x, **options)[1]
   assert f"seqjax_{kind}_forward" in _lowered(outputs, params, xs)
   got = np.isnan(np.asarray(jax.jit(outputs)(params, xs)))
-  with native.disabled():  # a function of its own: jit keeps a function's first trace
-    xla = jax.jit(lambda p, x: outputs(p, x)).lower(params, xs)
-  assert "@seqjax_" not in xla.as_text()  # no kernel called
-  want = np.isnan(np.asarray(xla.compile()(params, xs)))
+  want = np.isnan(np.asarray(_xla_path(outputs, params, xs)(params, xs)))
   assert want[1, 4:7].all() and not want[1, 7:].any()  # row 1's length is 7: zeros after
   assert not np.delete(want, 1, axis=0).any()
   np.testing.assert_array_equal(got, want)
@@ -1124,10 +1128,14 @@ def _reference_sample(cell, layers, embed, head, carry, logits, key, length, tem
   return decoding.generate(step, None, carry, logits, key, length, temperature=temperature)
 
 
-def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None, kind="lstm"):
+def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None, kind="lstm", nan_at=None):
+  """The kernel's ``(carry, logits, tokens)`` and the reference's, from a
+  random carry (``nan_at``: ``(row, unit)`` of the first layer's h set to NaN)."""
   cell, params, embed, head = _sampling_model(h, v, layers, matmul_dtype, kind=kind)
   carry = [tuple(0.5 * jax.random.normal(jax.random.key(10 + i), (b, h), jnp.float32)
                  for i in (2 * l, 2 * l + 1)) for l in range(layers)]
+  if nan_at is not None:
+    carry[0] = (carry[0][0].at[nan_at].set(jnp.nan), carry[0][1])
   if kind == "gru":
     carry = [h for h, _ in carry]
   logits = jax.random.normal(jax.random.key(5), (b, v), jnp.float32)
@@ -1148,24 +1156,13 @@ def _sample_both(h, v, layers, b, t, temperature, matmul_dtype=None, kind="lstm"
 def test_the_sampling_kernel_spreads_a_nan_as_generate_does(kind, matmul_dtype):
   """A NaN in one row's carry makes that row's carry and logits NaN, and no
   other row's, as in XLA's sampler (int8: the row's scale is NaN there)."""
-  cell, params, embed, head = _sampling_model(64, 17, 2, matmul_dtype, kind=kind)
-  b, v = 4, 17
-  carry = [tuple(0.5 * jax.random.normal(jax.random.key(10 + i), (b, 64), jnp.float32)
-                 for i in (2 * l, 2 * l + 1)) for l in range(2)]
-  carry[0] = (carry[0][0].at[1, 5].set(jnp.nan), carry[0][1])
-  if kind == "gru":
-    carry = [h for h, _ in carry]
-  logits, key = jax.random.normal(jax.random.key(5), (b, v), jnp.float32), jax.random.key(3)
-  want = jax.jit(_reference_sample, static_argnums=(0, 7, 8))(
-      cell, params, embed, head, carry, logits, key, 8, 1.0)
-  noise = decoding.gumbel_noise(key, (b, v), 8, temperature=1.0)
-  got = jax.jit(SAMPLERS[kind][1], static_argnums=(6, 7))(
-      cell.project(params[0], embed), params, head, carry, logits, noise, 1.0, matmul_dtype)
+  got, want = _sample_both(64, 17, 2, 4, 8, 1.0, matmul_dtype, kind, nan_at=(1, 5))
   for g, w in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2]), strict=True):
     rows = np.isnan(np.asarray(w)).any(axis=-1)
     assert rows.tolist() == [False, True, False, False]
     np.testing.assert_array_equal(np.isnan(np.asarray(g)), np.isnan(np.asarray(w)))
   np.testing.assert_array_equal(np.asarray(got[2])[[0, 2, 3]], np.asarray(want[2])[[0, 2, 3]])
+
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("h,v,layers,b,t,temperature,matmul_dtype", [
