@@ -425,17 +425,18 @@ def main(argv=None):
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   peak_n = QUICK_PEAK_N if args.quick else PEAK_N
   ceiling = _ceiling(0.01 if args.quick else 0.1)
+  timed = None if isinstance(ceiling, str) else ceiling  # measure's pair, or no ceiling
   config = dict(sizes=sizes, rounds=rounds, calls=calls, contenders=contenders, lr=LR,
                 peak_matmul=peak_n, backend=backend(), precision=_precision(contenders),
                 seqjax_native=native.status(), fused_loop_unroll=fused._unroll(),
                 reuse_freed_memory=reuse, target=TARGET,
-                fma_ceiling=ceiling if isinstance(ceiling, str) else "timed in every round")
+                fma_ceiling="timed in every round" if timed else ceiling)
   results = []
   for cell_name in cell_names:
     for size_name, size in sizes.items():
       for mode in modes:
         rows, ratios = measure(cell_name, size_name, size, mode, contenders, rounds, calls,
-                               peak_n, None if isinstance(ceiling, str) else ceiling)
+                               peak_n, timed)
         results += rows + ratios
         summary = ", ".join(
             f"{r['contender']} {r['tokens_per_s']['median'] / 1e3:.1f}k "
