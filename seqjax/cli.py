@@ -7,11 +7,17 @@
     seqjax sample --workdir DIR [--prompt TEXT] [--length N] [--temperature T]
                   [--top-k K | --top-p P] [--num-samples N] [--seed S]
                   [--matmul-dtype float32|bfloat16|int8]
+    seqjax bench [BENCHMARK [ARGS ...]]
 
 EXPERIMENT is a file name in ``experiments/`` (``parity``) or a path to an
 experiment file. An experiment file defines ``get_config(quick=False)``
 returning an ``ml_collections.ConfigDict``; ``--config.a.b=v`` overrides a field,
 and must name an existing field with a value of its type.
+
+BENCHMARK is a script in ``benchmarks/`` (``peers``, ``scan_vs_unroll``, ...);
+``seqjax bench`` alone lists them. ``seqjax bench peers --sizes a`` runs what
+``python benchmarks/peers.py --sizes a`` runs, its flags passed on as they are
+(``seqjax bench peers --help`` lists them).
 
 Multi-process launches (one process per host) add ``--coordinator-address``,
 ``--num-processes`` and ``--process-id`` (or the variables
@@ -54,6 +60,57 @@ def list_experiments() -> dict[str, Path]:
   if not folder.is_dir():
     return {}
   return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.stem.startswith("_")}
+
+
+def benchmarks_dir() -> Path:
+  """``$SEQJAX_BENCHMARKS_DIR``, else the ``benchmarks/`` folder of the source tree."""
+  if os.environ.get("SEQJAX_BENCHMARKS_DIR"):
+    return Path(os.environ["SEQJAX_BENCHMARKS_DIR"])
+  return Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def list_benchmarks() -> dict[str, Path]:
+  """The runnable scripts of :func:`benchmarks_dir` (those with a ``__main__``
+  block; not their shared ``common.py``), by name."""
+  folder = benchmarks_dir()
+  if not folder.is_dir():
+    return {}
+  return {p.stem: p for p in sorted(folder.glob("*.py"))
+          if 'if __name__ == "__main__":' in p.read_text()}
+
+
+def _first_doc_line(path: Path) -> str:
+  """The first line of a script's docstring, read without importing it (a
+  benchmark imports torch, Keras, ...)."""
+  doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _bench(name: str | None, args) -> int:
+  """Lists the benchmarks, or runs ``name``'s ``main(args)`` in this process
+  (before anything here starts JAX: the scripts' first call keeps freed
+  memory for reuse, which must come before XLA's threads start)."""
+  known = list_benchmarks()
+  if not known:
+    raise UsageError(f"no benchmarks in {benchmarks_dir()}: they are the source tree's "
+                     "benchmarks/ folder (or set SEQJAX_BENCHMARKS_DIR)")
+  if name is None:
+    for script, path in known.items():
+      print(f"{script:20s} {_first_doc_line(path)}")
+    return 0
+  if name not in known:
+    raise UsageError(f"unknown benchmark {name!r}; known: {', '.join(known)}")
+  path = known[name]
+  sys.path.insert(0, str(path.parent))  # the scripts import common.py and each other
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  program, sys.argv[0] = sys.argv[0], f"seqjax bench {name}"  # argparse's name in usage lines
+  try:
+    return module.main(list(args)) or 0
+  finally:
+    sys.argv[0] = program
 
 
 def _module(path: Path):
@@ -180,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="sample within the smallest set holding this probability")
   sample.add_argument("--num-samples", type=int, default=1)
   sample.add_argument("--seed", type=int, default=0)
+
+  bench = commands.add_parser("bench", help="run a benchmark script (alone: list them)")
+  bench.add_argument("benchmark", nargs="?", help="a name from `seqjax bench`")
+  bench.add_argument("args", nargs=argparse.REMAINDER,
+                     help="the script's own flags (`seqjax bench NAME --help`)")
   return parser
 
 
@@ -219,6 +281,8 @@ def run(argv) -> int:
     return 0
   if overrides and args.command != "train":
     raise UsageError("--config.* overrides apply to `seqjax train` only")
+  if args.command == "bench":
+    return _bench(args.benchmark, args.args)
 
   # Only now import JAX-heavy modules: `seqjax list` and flag errors stay fast.
   from absl import logging as absl_logging  # noqa: PLC0415

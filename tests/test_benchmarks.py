@@ -27,12 +27,18 @@ BENCH = ROOT / "benchmarks"
 ENVIRONMENT = {"date", "python", "platform", "cpu_count", "jax", "backend", "device"}
 
 
-def _run(script, tmp_path, *extra):
+# How a script is run: as a file, or through the command line (`seqjax bench`).
+PYTHON = "python benchmarks/NAME.py"
+SEQJAX_BENCH = "seqjax bench NAME"
+
+
+def _run(script, tmp_path, *extra, via=PYTHON):
   out = tmp_path / f"{script}.json"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out",
-                         str(out), *extra], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+  command = ([str(BENCH / f"{script}.py")] if via == PYTHON
+             else ["-m", "seqjax.cli", "bench", script])
+  done = subprocess.run([sys.executable, *command, "--quick", "--out", str(out), *extra],
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   payload = json.loads(out.read_text())
   assert payload["benchmark"] == script
@@ -181,8 +187,9 @@ def test_sampling(tmp_path, cell):
       table["tokens_per_s"]["median"] * 2 * (g * h * h + h * v) / 1e9)
 
 
-def test_vanishing_gradients(tmp_path):
-  payload, _ = _run("vanishing_gradients", tmp_path)
+@pytest.mark.parametrize("via", [PYTHON, SEQJAX_BENCH])
+def test_vanishing_gradients(tmp_path, via):
+  payload, _ = _run("vanishing_gradients", tmp_path, via=via)
   curves = [r for r in payload["results"] if "cell" in r]
   assert {(r["cell"], r["stage"]) for r in curves} == {
       (c, s) for c in ("elman", "lstm", "gru") for s in ("init", "trained")}
