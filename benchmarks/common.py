@@ -161,6 +161,13 @@ def spread(values) -> dict:
   return {"median": median(values), "min": float(min(values)), "max": float(max(values))}
 
 
+def paired(numerators, denominators, scale: float = 1.0) -> dict:
+  """:func:`spread` of each round's ``scale * numerator / denominator``: a
+  paired ratio of two runs timed in the same rounds (or of a rate to that
+  round's peak), not the ratio of their medians."""
+  return spread([scale * n / d for n, d in zip(numerators, denominators, strict=True)])
+
+
 def write(path: Path, benchmark: str, config: dict, results: list) -> dict:
   payload = {"benchmark": benchmark, "environment": environment(), "config": config,
              "results": results}

@@ -155,8 +155,7 @@ def measure(cell_name, size, mode, names, matmul_dtype, rounds, calls) -> dict:
                      for n, v in per_round.items()},
              vs_base={}, equal_to_base={}, max_abs_difference={})
   for name in names[1:]:
-    row["vs_base"][name] = common.spread(
-        [v / b for v, b in zip(per_round[name], per_round[BASE], strict=True)])
+    row["vs_base"][name] = common.paired(per_round[name], per_round[BASE])
     equal, most = _difference(values[name], values[BASE])
     row["equal_to_base"][name], row["max_abs_difference"][name] = equal, most
   return row

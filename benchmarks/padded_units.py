@@ -51,7 +51,7 @@ def measure(cell_name, size, mode, rounds, calls) -> dict:
   tps = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
   return dict(cell=cell_name, mode=mode, **size, units=native.padded_units(size["H"]),
               tokens_per_s={name: common.spread(v) for name, v in tps.items()},
-              padded_vs_xla=common.spread([p / x for p, x in zip(tps["padded"], tps["xla"])]))
+              padded_vs_xla=common.paired(tps["padded"], tps["xla"]))
 
 
 def measure_sampler(cell_name, hidden, batch, length, rounds, calls) -> dict:
@@ -75,7 +75,7 @@ def measure_sampler(cell_name, hidden, batch, length, rounds, calls) -> dict:
   return dict(cell=cell_name, mode=f"sample, batch {batch}", B=batch, T=length, H=hidden,
               units=native.padded_units(hidden),
               tokens_per_s={name: common.spread(v) for name, v in tps.items()},
-              padded_vs_xla=common.spread([p / x for p, x in zip(tps["padded"], tps["xla"])]),
+              padded_vs_xla=common.paired(tps["padded"], tps["xla"]),
               same_tokens=float(same))
 
 

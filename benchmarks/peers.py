@@ -302,7 +302,7 @@ def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n,
   key = dict(cell=cell_name, size=size_name, mode=mode, **size)
 
   def fractions(tps, of):  # each round's matmul rate over that round's `of`
-    return common.spread([x * flops / p for x, p in zip(tps, of)])
+    return common.paired(tps, of, flops)
   rows = [dict(key, contender=name, tokens_per_s=common.spread(tps), rounds=tps,
                gflops=common.spread([x * flops / 1e9 for x in tps]),
                fraction_of_peak=fractions(tps, peak),
@@ -312,8 +312,7 @@ def measure(cell_name, size_name, size, mode, contenders, rounds, calls, peak_n,
                    **({} if top is None else {
                        "ceiling_gflops": common.spread([c / 1e9 for c in top]),
                        "ceiling_rounds": [c / 1e9 for c in top]})))
-  ratios = [dict(key, vs=name, ratio=common.spread(
-                 [a / b for a, b in zip(per_round["seqjax"], per_round[name])]),
+  ratios = [dict(key, vs=name, ratio=common.paired(per_round["seqjax"], per_round[name]),
                  # seqjax's rate, were it TARGET times this peer's, over the ceiling
                  **({} if top is None else {"ceiling_at_target": fractions(
                      [TARGET * x for x in per_round[name]], top)}))

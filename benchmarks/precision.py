@@ -67,7 +67,7 @@ def measure(cell_name, size_name, size, mode, rounds, calls):
   runs.update({name: peers.torch_contender(cell_name, size, mode, autocast=dtype)
                for name, dtype in TORCH.items()})
   per_round = common.interleaved_rounds(runs, size["B"] * size["T"], rounds, calls)
-  ratio = lambda a, b: common.spread([x / y for x, y in zip(per_round[a], per_round[b])])
+  ratio = lambda a, b: common.paired(per_round[a], per_round[b])
   return dict(cell=cell_name, size=size_name, mode=mode, **size,
               tokens_per_s={name: common.spread(v) for name, v in per_round.items()},
               speedup=ratio("bfloat16", "float32"),

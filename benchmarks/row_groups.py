@@ -87,8 +87,7 @@ def _timed(cell_name, mode, size, runs, loops, rounds, calls) -> dict:
               rule_picks_rows={loop: native.row_groups(size["B"], w) > 1
                                for loop, w in weights.items()},
               tokens_per_s={split: common.spread(v) for split, v in per_round.items()},
-              rows_vs_units=common.spread([r / u for r, u in zip(per_round["rows"],
-                                                                 per_round["units"])]))
+              rows_vs_units=common.paired(per_round["rows"], per_round["units"]))
 
 
 def measure(cell_name, size, mode, rounds, calls) -> dict:

@@ -157,7 +157,7 @@ def main(argv=None):
                  vocab=VOCAB, embed=EMBED, tokens_per_s=common.spread(tps),
                  same_tokens=agree[variant],
                  gflops=common.spread([x * flops / 1e9 for x in tps]),
-                 fraction_of_peak=common.spread([x * flops / p for x, p in zip(tps, peak)]),
+                 fraction_of_peak=common.paired(tps, peak, flops),
                  weight_gb_per_s=common.spread([x * weight_bytes / 1e9 for x in tps]))
       results.append(row)
       print(f"batch {batch} {variant}: {common.median(tps) / 1e3:.1f}k tokens/s, "

@@ -89,16 +89,16 @@ def main(argv=None):
         kernel, xla, rule = runs(kind, batch, depth, hidden, steps, calls)
         tps = common.interleaved_rounds({"kernel": kernel, "xla": xla},
                                         batch * steps * calls, rounds, per_round)
-        ratio = [k / x for k, x in zip(tps["kernel"], tps["xla"])]
         gates = 4 if kind == "lstm" else 3  # weights: w_x, w_h and the biases
         row = dict(cell=kind, B=batch, D=depth, H=hidden, T=steps,
                    weights=(depth + hidden + 1) * gates * hidden + (hidden if kind == "gru" else 0),
                    kernel_tokens_per_s=common.spread(tps["kernel"]),
                    xla_tokens_per_s=common.spread(tps["xla"]),
-                   kernel_vs_xla=common.spread(ratio), rule_picks_kernel=rule)
+                   kernel_vs_xla=common.paired(tps["kernel"], tps["xla"]), rule_picks_kernel=rule)
         results.append(row)
+        ratio = row["kernel_vs_xla"]
         print(f"{kind} B={batch} D={depth} H={hidden} T={steps}: kernel/XLA "
-              f"{row['kernel_vs_xla']['median']:.2f}x ({min(ratio):.2f}-{max(ratio):.2f}); "
+              f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}); "
               f"the rule picks {'the kernel' if rule else 'XLA'}", flush=True)
   config = dict(sizes=sizes, steps=steps_list, calls_in_loop=calls, rounds=rounds,
                 timed_per_round=per_round,

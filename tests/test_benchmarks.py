@@ -114,6 +114,17 @@ def test_peers(tmp_path):
   assert "% of FMA ceiling: seqjax, torch (1.25× torch) |" in out
 
 
+def test_paired_ratios_are_taken_round_by_round():
+  """common.paired: the spread of each round's ratio, not the medians' ratio;
+  rounds that do not pair up are refused."""
+  common = _bench_module("common")
+  # medians 3 and 2 (1.5), but the rounds' ratios are 1/2, 4 and 1
+  assert common.paired([1, 4, 3], [2, 1, 3]) == dict(median=1.0, min=0.5, max=4.0)
+  assert common.paired([1, 4, 3], [2, 1, 3], scale=10) == dict(median=10.0, min=5.0, max=40.0)
+  with pytest.raises(ValueError):
+    common.paired([1, 2, 3], [1, 2])
+
+
 def test_fma_ceiling_runs_on_every_thread_or_says_why_not(monkeypatch):
   """common.fma_ceiling_run builds fma_ceiling.cc as the kernels are built and
   returns a call and the FLOPs it does: 2 per lane of each of 12 chains, per
