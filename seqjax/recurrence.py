@@ -303,6 +303,9 @@ def _drive(core: str, cell, params, xs, carry, *, lengths, mask, resets, reverse
            unroll, time_major, remat):
   b, t, mask, resets, lengths = _check_inputs(
       cell, params, xs, carry, lengths, mask, resets, time_major)
+  if not _is_positive_int(unroll):  # True == 1 would take the one-step fused loop
+    raise ValueError(f"unroll must be a positive int (steps per loop iteration), got "
+                     f"{unroll!r}; for a fully unrolled loop use method='unroll'")
   if remat is not None and not _is_positive_int(remat):
     raise ValueError(f"remat must be None or a positive int (steps per rematerialised "
                      f"chunk), got {remat!r}")

@@ -677,6 +677,13 @@ def _error_cases():
                       r"weight_drop must be in \[0, 1\), got -0.1"),
       "not_a_cell": (lambda: seqjax.scan(lambda c, x: (c, x), params, xs),
                      r"cell must be a seqjax cell"),
+      "unroll_zero": (lambda: seqjax.scan(lstm, params, xs, unroll=0),
+                      r"unroll must be a positive int \(steps per loop iteration\), got 0"),
+      "unroll_bool": (lambda: seqjax.scan(lstm, params, xs, unroll=True),
+                      r"unroll must be a positive int .* got True; for a fully unrolled loop "
+                      r"use method='unroll'"),
+      "unroll_float": (lambda: seqjax.run(lstm, params, xs, method="unroll", unroll=2.5),
+                       r"unroll must be a positive int .* got 2.5"),
       "remat_zero": (lambda: seqjax.scan(lstm, params, xs, remat=0),
                      r"remat must be None or a positive int .* got 0"),
       "remat_bool": (lambda: seqjax.run(lstm, params, xs, remat=True),
