@@ -20,6 +20,13 @@ h [B T, H] against the gate gradients [B T, G H] with the bias gradient (the
 GRU's formed from [B T, H] carry gradients as the kernel reads them,
 ``tiled``). ``--matmul-dtype bfloat16`` runs the kernels' bfloat16 matmuls.
 
+A control runs beside them (``--no-control`` leaves it out): the kernels as
+they are, traced and timed a second time as if a variant. Its paired ratio
+to base is what the same code measures against itself in that run, the
+floor under which a variant's ratio says nothing: on this project's machine,
+0.98-1.02x in median over 7-11 rounds, single rounds 0.89-1.16x (the LSTM
+at the peers sizes, README.md).
+
 Each row has every run's tokens/s (rows of the products a second, for
 ``outer_sum``), its GFLOP/s (the matmul FLOPs of ``peers.flops_per_token``;
 for ``outer_sum``, 2 (D + H) G H a row), each variant's paired ratio to base
@@ -46,15 +53,16 @@ from seqjax import native
 MODES = ("train", "infer", "outer_sum")
 QUICK_SIZES = {"q": dict(B=4, T=16, D=32, H=32)}  # peers.py's is too narrow for the kernels
 BASE = "base"
+CONTROL = "control"  # the kernels as they are, timed again as if a variant
 
 
 def _variant(text: str) -> tuple[str, Path]:
   """``"NAME=PATH"`` as ``(NAME, PATH)``: a variant of the positional arguments."""
   name, _, path = text.partition("=")
-  if not path or not name.isidentifier() or name == BASE:
+  if not path or not name.isidentifier() or name in (BASE, CONTROL):
     raise argparse.ArgumentTypeError(
-        f"a variant is NAME=PATH, NAME made of letters, digits and _ (not {BASE!r}) and PATH an "
-        f"edited copy of seqjax/native/rnn.cc; got {text!r}")
+        f"a variant is NAME=PATH, NAME made of letters, digits and _ (not {BASE!r} or "
+        f"{CONTROL!r}) and PATH an edited copy of seqjax/native/rnn.cc; got {text!r}")
   if not Path(path).is_file():
     raise argparse.ArgumentTypeError(f"variant {name!r}: no source file {path!r}")
   return name, Path(path)
@@ -113,9 +121,9 @@ def _functions(cell_name, size, mode, matmul_dtype):
 
 
 def _on(name, fn):
-  """``fn()``, what it traces calling variant ``name``'s kernels (``base``:
-  the package's)."""
-  with contextlib.nullcontext() if name == BASE else native.variant(name):
+  """``fn()``, what it traces calling variant ``name``'s kernels (``base``
+  and ``control``: the package's)."""
+  with contextlib.nullcontext() if name in (BASE, CONTROL) else native.variant(name):
     return fn()
 
 
@@ -124,7 +132,7 @@ def _checked(name, run):
   ``name``'s kernels: a call that took the XLA path (see ``native.usable``)
   would time no kernel at all."""
   run()
-  target = "@seqjax_" if name == BASE else f"@{name}_seqjax_"
+  target = "@seqjax_" if name in (BASE, CONTROL) else f"@{name}_seqjax_"
   if target not in run.lower().as_text():
     raise SystemExit(f"kernel_variants.py: the {name!r} run does not call the kernels it should "
                      f"({target}...): the call takes the XLA path here (see native.usable)")
@@ -185,6 +193,9 @@ def main(argv=None):
   parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per round")
+  parser.add_argument("--no-control", dest="control", action="store_false",
+                      help="leave out the control run (the kernels as they are, timed again as "
+                           "if a variant: the run's noise floor)")
   args = parser.parse_args(argv)
   cell_names, modes, sizes = peers.groups(parser, args, MODES)
   shapes = dict(args.shape)
@@ -208,12 +219,12 @@ def main(argv=None):
       native.build_variant(path, name)
     except RuntimeError as e:  # the compiler's last lines, or the kernels it lacks
       parser.error(str(e))
-  names = [BASE, *variants]
+  names = [BASE, *([CONTROL] if args.control else []), *variants]
   matmul_dtype = None if args.matmul_dtype == "float32" else args.matmul_dtype
   rounds, calls = (2, 1) if args.quick else (args.rounds, args.calls)
   config = dict(variants={n: dict(source=str(p), diff=_diff(p)) for n, p in variants.items()},
                 sizes=sizes, matmul_dtype=args.matmul_dtype, rounds=rounds, calls=calls,
-                threads=native.threads(), reuse_freed_memory=reuse)
+                control=args.control, threads=native.threads(), reuse_freed_memory=reuse)
   results = []
   for cell_name in cell_names:
     for size_name, size in sizes.items():

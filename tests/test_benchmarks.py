@@ -486,7 +486,8 @@ def test_row_groups(tmp_path):
 def test_kernel_variants(tmp_path):
   """An unedited copy of rnn.cc gives the kernels' results bit for bit; one
   whose column sums are doubled (the bias gradients) is timed too, and its
-  results are reported as differing."""
+  results are reported as differing. The control (the kernels timed again)
+  runs beside them, and equals base."""
   source = ROOT / "seqjax" / "native" / "rnn.cc"
   text = source.read_text()
   summing = "sum = _mm512_add_ps(sum, row);"
@@ -505,23 +506,27 @@ def test_kernel_variants(tmp_path):
       "-" + summing, "+sum = _mm512_add_ps(sum, _mm512_add_ps(row, row));"]
   rows = payload["results"]
   assert [(r["cell"], r["mode"]) for r in rows] == [("lstm", "train"), ("lstm", "outer_sum")]
+  assert payload["config"]["control"] is True
   for r in rows:
-    assert set(r["tokens_per_s"]) == set(r["gflops"]) == {"base", "copy", "doubled"}
-    for name in ("base", "copy", "doubled"):
+    assert set(r["tokens_per_s"]) == set(r["gflops"]) == {"base", "control", "copy", "doubled"}
+    for name in ("base", "control", "copy", "doubled"):
       _spread(r["tokens_per_s"][name])
       _spread(r["gflops"][name])
-    for name in ("copy", "doubled"):
+    for name in ("control", "copy", "doubled"):
       _spread(r["vs_base"][name])
-    assert r["equal_to_base"] == {"copy": True, "doubled": False}
-    assert r["max_abs_difference"]["copy"] == 0 < r["max_abs_difference"]["doubled"]
-  assert "doubled" in out and "differs by up to" in out
+    assert r["equal_to_base"] == {"control": True, "copy": True, "doubled": False}
+    assert r["max_abs_difference"]["copy"] == r["max_abs_difference"]["control"] == 0
+    assert 0 < r["max_abs_difference"]["doubled"]
+  assert "doubled" in out and "differs by up to" in out and "control" in out
 
 
 def test_kernel_variants_times_a_shape_of_ones_own(tmp_path):
   """--shape B,T,D,H times that size in place of the named ones (here with
-  D != H, and a batch the threads split by units)."""
+  D != H, and a batch the threads split by units); --no-control leaves the
+  control out."""
   payload, out = _run("kernel_variants", tmp_path, "--shape", "3,5,48,32", "--cells", "gru",
-                      "--modes", "infer")
+                      "--modes", "infer", "--no-control")
+  assert payload["config"]["control"] is False
   assert payload["config"]["sizes"] == {"B3_T5_D48_H32": dict(B=3, T=5, D=48, H=32)}
   [row] = payload["results"]
   assert (row["size"], row["cell"], row["mode"]) == ("B3_T5_D48_H32", "gru", "infer")
@@ -537,7 +542,8 @@ def test_kernel_variants_times_a_shape_of_ones_own(tmp_path):
     (["--shape", "4,0,32,32"], "argument --shape: a shape is four positive integers B,T,D,H "
                                "(batch, steps, inputs, hidden units), got '4,0,32,32'"),
     (["base=" + __file__], "a variant is NAME=PATH, NAME made of letters, digits and _ (not "
-                           "'base')"),
+                           "'base' or 'control')"),
+    (["control=" + __file__], "(not 'base' or 'control')"),
     ([], "expected at least one variant, NAME=PATH"),
     (["broken={broken}"], "build_variant: {broken}: ")])
 def test_kernel_variants_stops_on_a_bad_variant_with_one_line(argv, says, tmp_path, capsys,
