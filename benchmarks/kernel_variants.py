@@ -54,12 +54,13 @@ MODES = ("train", "infer", "outer_sum")
 QUICK_SIZES = {"q": dict(B=4, T=16, D=32, H=32)}  # peers.py's is too narrow for the kernels
 BASE = "base"
 CONTROL = "control"  # the kernels as they are, timed again as if a variant
+PACKAGE_KERNELS = (BASE, CONTROL)  # the runs on the package's own kernels
 
 
 def _variant(text: str) -> tuple[str, Path]:
   """``"NAME=PATH"`` as ``(NAME, PATH)``: a variant of the positional arguments."""
   name, _, path = text.partition("=")
-  if not path or not name.isidentifier() or name in (BASE, CONTROL):
+  if not path or not name.isidentifier() or name in PACKAGE_KERNELS:
     raise argparse.ArgumentTypeError(
         f"a variant is NAME=PATH, NAME made of letters, digits and _ (not {BASE!r} or "
         f"{CONTROL!r}) and PATH an edited copy of seqjax/native/rnn.cc; got {text!r}")
@@ -123,7 +124,7 @@ def _functions(cell_name, size, mode, matmul_dtype):
 def _on(name, fn):
   """``fn()``, what it traces calling variant ``name``'s kernels (``base``
   and ``control``: the package's)."""
-  with contextlib.nullcontext() if name in (BASE, CONTROL) else native.variant(name):
+  with contextlib.nullcontext() if name in PACKAGE_KERNELS else native.variant(name):
     return fn()
 
 
@@ -132,7 +133,7 @@ def _checked(name, run):
   ``name``'s kernels: a call that took the XLA path (see ``native.usable``)
   would time no kernel at all."""
   run()
-  target = "@seqjax_" if name in (BASE, CONTROL) else f"@{name}_seqjax_"
+  target = "@seqjax_" if name in PACKAGE_KERNELS else f"@{name}_seqjax_"
   if target not in run.lower().as_text():
     raise SystemExit(f"kernel_variants.py: the {name!r} run does not call the kernels it should "
                      f"({target}...): the call takes the XLA path here (see native.usable)")

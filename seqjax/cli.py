@@ -102,10 +102,7 @@ def _bench(name: str | None, args) -> int:
     raise UsageError(f"unknown benchmark {name!r}; known: {', '.join(known)}")
   path = known[name]
   sys.path.insert(0, str(path.parent))  # the scripts import common.py and each other
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
+  module = _module(path, name)
   program, sys.argv[0] = sys.argv[0], f"seqjax bench {name}"  # argparse's name in usage lines
   try:
     return module.main(list(args)) or 0
@@ -113,9 +110,14 @@ def _bench(name: str | None, args) -> int:
     sys.argv[0] = program
 
 
-def _module(path: Path):
-  spec = importlib.util.spec_from_file_location(f"seqjax_experiment_{path.stem}", path)
+def _module(path: Path, name: str | None = None):
+  """The file at ``path`` run as a module named ``name`` (default
+  ``seqjax_experiment_<stem>``), registered in ``sys.modules`` first, as an
+  import would (a dataclass in it looks its module up there)."""
+  name = name or f"seqjax_experiment_{path.stem}"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -276,8 +278,7 @@ def run(argv) -> int:
   args = _parser().parse_args(argv)
   if args.command == "list":
     for name, path in list_experiments().items():
-      doc = (_module(path).__doc__ or "").strip().splitlines()
-      print(f"{name:20s} {doc[0] if doc else ''}")
+      print(f"{name:20s} {_first_doc_line(path)}")
     return 0
   if overrides and args.command != "train":
     raise UsageError("--config.* overrides apply to `seqjax train` only")
